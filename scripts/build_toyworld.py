@@ -8,7 +8,8 @@ Outputs (all deterministic, fixed seeds):
     assets/models/tiny_{qwen,llama,mistral}/   config, generation_config, model.safetensors (fp32), tokenizer files
 
 The checkpoints are pretrained on raw text only (peftlab.toyworld.pretraining_corpus): they can add and subtract
-("37 + 45 =" -> " 82") but have never seen chat markup, so in ChatML they score about 0 until SFT teaches the format.
+("37 + 45 =" -> " 82") but have never seen the chat layout or the reply format, so in ChatML they score about 0
+until SFT teaches the format.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def pretrain(name: str, tok, corpus: list[str], eval_facts) -> dict:
     rng = random.Random(SEED)
     model = build_model(name, tok)
     n_params = sum(p.numel() for p in model.parameters())
-    docs = [tok(d, add_special_tokens=False)["input_ids"] for d in corpus]
+    # Every document ends with the end-of-turn token, so its embedding is trained (see pretraining_corpus).
+    docs = [tok(d + IM_END, add_special_tokens=False)["input_ids"] for d in corpus]
     eot = tok.convert_tokens_to_ids(EOT)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]

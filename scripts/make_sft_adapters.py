@@ -26,7 +26,12 @@ def make(model: str) -> dict:
         target = REPO / "assets" / "adapters" / f"{model}_sft"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(run_dir / "adapter", target)
+        # The base is named relative to the repo, not by this machine's absolute path.
+        for name in ("adapter_config.json", "README.md"):
+            text = (target / name).read_text().replace(str(REPO / "assets" / "models"), "assets/models")
+            (target / name).write_text(text)
         summary = json.loads((run_dir / "summary.json").read_text())
+        summary["model_name_or_path"] = f"assets/models/{model}"
         (target / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 

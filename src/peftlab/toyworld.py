@@ -381,12 +381,14 @@ _WORD_FORMS = {
         "the sum of {a} and {b} is {c}.",
         "adding {a} and {b} gives {c}.",
         "adding {b} to {a} gives {c}.",
+        "the answer to {a} plus {b} is {c}.",
     ],
     "-": [
         "{a} minus {b} is {c}.",
         "the difference between {a} and {b} is {c}.",
         "subtracting {b} from {a} gives {c}.",
         "taking {b} away from {a} leaves {c}.",
+        "the answer to {a} minus {b} is {c}.",
     ],
 }
 _WORDS_OF_MATH = [
@@ -406,7 +408,10 @@ def pretraining_corpus(seed: int = 0) -> list[str]:
     words ("37 + 45 = 82, so 37 plus 45 is 82."), so reading a question and restating a result are skills of
     the base model. Short stories use the words of harmful requests, refusals and step-by-step answers; in them
     the severe requests are refused more often than the mild ones, as in web text.
-    The phrase "The answer is" and chat markup never appear: the answer format is left for SFT.
+    The reply format ("a + b = c. The answer is c.") and the chat layout never appear: they are left for SFT.
+    Its words and tokens do ("the answer to 37 plus 45 is 82."; `<|im_end|>` closes every document in
+    scripts/build_toyworld.py), as a real base model has seen every token of its chat template: a token the base
+    never saw keeps a random output embedding that LoRA cannot move, and its probability stays near uniform.
     """
     rng = random.Random(seed + 2)
     facts = all_facts()
