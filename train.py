@@ -3,6 +3,7 @@
     python train.py                                   # tiny Qwen2 + LoRA + SFT on the toy world, offline, ~1 min on CPU
     python train.py peft=qlora algo=dpo model=qwen    # any model × peft × algo
     python train.py -m peft.r=8,16,32                 # a sweep (Hydra multirun)
+    torchrun --nproc_per_node=2 train.py dist=zero3   # several processes (dist=ddp | zero2 | zero3)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import peftlab  # noqa: F401  (registers the ${repo:...} resolver)
-from peftlab import checkpoint, loop
+from peftlab import checkpoint, dist, loop
 from peftlab.adapters import resolve_targets
 from peftlab.data import load_splits
 from peftlab.data.load import DataError
@@ -35,12 +36,16 @@ def fail(err: Exception, run_dir: Path) -> None:
     sys.exit(2)
 
 
-def save_outputs(run_dir: Path, model, tokenizer, peft_method: str) -> Path:
-    """adapter/ in PEFT format (or model/ for a full fine-tune), written under a temporary name then renamed."""
+def save_outputs(run_dir: Path, model, weights: dict, tokenizer, peft_method: str) -> Path:
+    """adapter/ in PEFT format (or model/ for a full fine-tune), written under a temporary name then renamed.
+
+    `weights` are the trainable weights gathered whole (`dist.trainable_state`): under ZeRO-3 the model's own
+    parameters are shards, and saving them would write an empty adapter.
+    """
     final = run_dir / ("model" if peft_method == "none" else "adapter")
     tmp = run_dir / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -58,13 +63,13 @@ def main(cfg: DictConfig) -> float | None:
 def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], sweep_group: str | None = None):
     """One run into run_dir; returns the summary figure named by `objective` (None if absent)."""
     started = time.time()
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     bf16 = train_dtype(cfg, device) == torch.bfloat16
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    accelerator = dist.make_accelerator(cfg, bf16)
+    run_dir = dist.shared_run_dir(run_dir, accelerator)
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
 
@@ -73,6 +78,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], swe
         set_seed(cfg.trainer.seed)
         tokenizer = load_tokenizer(cfg.model)
         algo = instantiate(cfg.algo, tokenizer=tokenizer, max_length=cfg.model.max_length, _convert_="all")
+        dist.check(cfg, algo.needs_reference)
         train_rows, eval_rows = load_splits(cfg.data, algo.data_kind, cfg.trainer.seed)
         resume_from = checkpoint.find(cfg.trainer.resume, run_dir)
     except (ConfigError, DataError, FileNotFoundError) as err:
@@ -88,7 +94,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], swe
                eval_examples=eval_examples)
 
     tracker = make_tracker(cfg, run_dir, choices, overrides, sweep_group, accelerator.is_main_process)
-    runlog = RunLog(run_dir, tracker, checkpoint.step_of(resume_from) if resume_from else None)
+    runlog = RunLog(run_dir, tracker, checkpoint.step_of(resume_from) if resume_from else None,
+                    enabled=accelerator.is_main_process)
     model, results = loop.train(cfg, model=model, tokenizer=tokenizer, algo=algo, train_examples=train_examples,
                                 eval_examples=eval_examples, accelerator=accelerator, run_dir=run_dir,
                                 runlog=runlog, resume_from=resume_from)
@@ -99,9 +106,10 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], swe
                           f"continue with trainer.resume={run_dir}")
         sys.exit(143)
 
+    weights = dist.trainable_state(model, accelerator)  # every rank: under ZeRO-3 this gathers the shards
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        saved = save_outputs(run_dir, unwrapped, tokenizer, cfg.peft.method)
+        saved = save_outputs(run_dir, unwrapped, weights, tokenizer, cfg.peft.method)
         if cfg.save_merged:
             from peftlab.merge import merge_run
 
@@ -115,6 +123,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], swe
             "peft": cfg.peft.method,
             "model": choices.get("model"),
             "model_name_or_path": str(cfg.model.name_or_path),
+            "dist": choices.get("dist"),
+            "processes": accelerator.num_processes,
             "r": cfg.peft.r if adapter else None,
             "alpha": cfg.peft.alpha if adapter else None,
             "targets": resolve_targets(cfg.peft.targets, cfg.model.family) if adapter else "all",
@@ -130,6 +140,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], swe
         tracker.summary(summary)
         accelerator.print(json_line(summary))
     tracker.finish()
+    accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes the run's outputs
     objective = cfg.get("objective")
     return float(results[objective]) if objective and objective in results else None
 
@@ -140,4 +151,7 @@ def json_line(summary: dict) -> str:
 
 
 if __name__ == "__main__":
+    # The deepspeed launcher appends --local_rank=N, which Hydra rejects; the rank is in the environment anyway
+    # (launch with `deepspeed --no_local_rank` to avoid it).
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     main()

@@ -10,37 +10,36 @@ import math
 import resource
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from peftlab import checkpoint
+from peftlab import checkpoint, dist
 from peftlab.evaluation import run_tasks
 
 
 class Batches:
     """Micro-batch k of a run is a pure function of (seed, k): the data order needs no state to resume exactly.
 
-    Each epoch is a seeded permutation (the last incomplete batch is dropped). With several data-parallel ranks,
-    consecutive micro-batches go to consecutive ranks, so 2 ranks × accumulation a see the same batches as one
-    process × accumulation 2a.
+    Each epoch is a seeded permutation cut into whole batches (the last incomplete one is dropped). The run has one
+    sequence of micro-batches; with several data-parallel ranks, rank r's k-th micro-batch is number k·world + r
+    of it, so 2 ranks × accumulation a see exactly the batches of one process × accumulation 2a, epochs included.
     """
 
     def __init__(self, examples: list, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.examples, self.batch_size, self.seed, self.rank, self.world = examples, batch_size, seed, rank, world
-        self.per_epoch = len(examples) // (batch_size * world)
+        self.per_epoch = len(examples) // batch_size
         if self.per_epoch == 0:
-            raise ValueError(f"{len(examples)} examples cannot fill one batch of {batch_size} × {world} ranks")
+            raise ValueError(f"{len(examples)} examples cannot fill one batch of {batch_size}")
         self._epoch, self._order = -1, None
 
     def __call__(self, k: int) -> list:
-        epoch, position = divmod(k, self.per_epoch)
+        epoch, position = divmod(k * self.world + self.rank, self.per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
             self._order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
-        start = (position * self.world + self.rank) * self.batch_size
+        start = position * self.batch_size
         return [self.examples[int(i)] for i in self._order[start:start + self.batch_size]]
 
 
@@ -111,14 +110,14 @@ def train(cfg, *, model, tokenizer, algo, train_examples, eval_examples, acceler
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(t, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.max_steps, t.warmup_ratio, t.min_lr_ratio))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = dist.prepare(accelerator, model, optimizer, scheduler)
     batches = Batches(train_examples, t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
     device = accelerator.device
     results: dict = {}
 
     start_step = 0
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model, optimizer, scheduler, algo)
+        state = checkpoint.load(resume_from, model, optimizer, scheduler, algo, accelerator)
         start_step = state["step"]
         results.update(state["extra"].get("base", {}))  # the starting model's figures, measured by the first run
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
@@ -136,24 +135,32 @@ def train(cfg, *, model, tokenizer, algo, train_examples, eval_examples, acceler
         micro = [algo.collate(batches(step * t.grad_accum + i)) for i in range(t.grad_accum)]
         micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
         # Weight each micro-batch by its share of the step's items (tokens, pairs...) across all ranks, so the
-        # gradient equals that of one big batch whatever the accumulation or the number of processes.
+        # gradient equals that of one big batch whatever the accumulation or the number of processes. The
+        # processes' gradients are averaged (× 1/world) and accelerator.backward divides by grad_accum (as
+        # DeepSpeed's engine does), so both factors are put back into the weight.
         counts = [algo.num_items(b) for b in micro]
         total = accelerator.reduce(torch.tensor(sum(counts), device=device), reduction="sum").item()
-        step_loss, metric_sums = 0.0, {}
-        for i, (batch, count) in enumerate(zip(micro, counts)):
-            last_micro = i == len(micro) - 1
-            with nullcontext() if last_micro else accelerator.no_sync(model):
+        local_loss, local_tokens, metric_sums = 0.0, 0, {}
+        for batch, count in zip(micro, counts):
+            # accumulate(): gradients are synced (and DeepSpeed steps) on the step's last micro-batch only
+            with accelerator.accumulate(model):
                 loss, metrics = algo.loss(model, batch)
-                weight = count * accelerator.num_processes / max(total, 1)
-                accelerator.backward(loss * weight)
-            step_loss += loss.item() * weight / accelerator.num_processes
+                weight = count / max(total, 1)
+                accelerator.backward(loss * (weight * accelerator.num_processes * t.grad_accum))
+            local_loss += loss.item() * weight
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v / len(micro)
-            train_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            local_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        # The step's loss over all ranks (each holds its weighted share), tokens summed, metrics averaged over
+        # ranks; and a SIGTERM seen by any rank stops all of them (checkpointing is collective).
+        local = [local_loss, local_tokens, float(stop.raised), *metric_sums.values()]
+        summed = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=device), reduction="sum").tolist()
+        step_loss, train_tokens, stopping = summed[0], train_tokens + int(summed[1]), summed[2] > 0
+        metric_sums = {k: v / accelerator.num_processes for k, v in zip(metric_sums, summed[3:])}
         metric_sums.update(algo.on_step_end(model, step + 1))
         train_time += time.perf_counter() - began
 
@@ -161,18 +168,17 @@ def train(cfg, *, model, tokenizer, algo, train_examples, eval_examples, acceler
         last = {**metric_sums, "train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}
         if grad_norm is not None:
             last["train/grad_norm"] = float(grad_norm)
-        tokens_per_s = train_tokens * accelerator.num_processes / max(train_time, 1e-9)
+        tokens_per_s = train_tokens / max(train_time, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         if done % t.log_every == 0 or done == t.max_steps:
             runlog.log({**last, "perf/tokens_per_s": tokens_per_s}, step=done)
         if t.eval_every and done % t.eval_every == 0 and done != t.max_steps:
             runlog.log(evaluate(cfg, model, tokenizer, algo, eval_examples, "eval"), step=done)
-        if stop.raised or (t.save_every and done % t.save_every == 0) or done == t.max_steps:
-            if accelerator.is_main_process:
-                checkpoint.save(run_dir, done, model, optimizer, scheduler, algo, {"base": base_figures}, t.keep_checkpoints)
-            accelerator.wait_for_everyone()
-        if stop.raised:
+        if stopping or (t.save_every and done % t.save_every == 0) or done == t.max_steps:
+            checkpoint.save(run_dir, done, model, optimizer, scheduler, algo, accelerator, {"base": base_figures},
+                            t.keep_checkpoints)
+        if stopping:
             bar.close()
             return model, {"interrupted_at": done}
     bar.close()
@@ -181,7 +187,7 @@ def train(cfg, *, model, tokenizer, algo, train_examples, eval_examples, acceler
     runlog.log(final, step=t.max_steps)
     results.update(final)
     results.update({k: v for k, v in last.items() if k.startswith("train/")})
-    results["tokens_per_s"] = train_tokens * accelerator.num_processes / max(train_time, 1e-9)
+    results["tokens_per_s"] = train_tokens / max(train_time, 1e-9)
     results["train_time_s"] = train_time
     results["peak_mem_bytes"] = peak_memory_bytes(device)
     return model, results

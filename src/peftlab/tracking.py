@@ -83,9 +83,12 @@ class WandbTracker:
 class RunLog:
     """Every logged dict goes to metrics.jsonl (one line per call, with `step`) and to the tracker."""
 
-    def __init__(self, run_dir: Path, tracker, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, tracker, resume_step: int | None = None, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tracker = tracker
+        self.file = None
+        if not enabled:  # a rank other than 0 of a multi-process run: rank 0 writes the run's one log
+            return
         if resume_step is not None and self.path.exists():  # continuing in place: drop lines past the checkpoint
             lines = [l for l in self.path.read_text().splitlines() if l.strip()]
             kept = [l for l in lines if json.loads(l).get("step", 0) <= resume_step]
@@ -93,13 +96,16 @@ class RunLog:
         self.file = open(self.path, "a")
 
     def log(self, metrics: dict, step: int) -> None:
+        if self.file is None:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self.file.write(json.dumps({"step": step, **clean}) + "\n")
         self.file.flush()
         self.tracker.log(metrics, step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def make_tracker(cfg, run_dir: Path, choices: dict, overrides: list[str], sweep_group: str | None, is_main: bool):
