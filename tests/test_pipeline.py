@@ -47,7 +47,7 @@ def test_dry_run_prints_the_commands(tmp_path):
     assert not (tmp_path / "sft").exists()
 
 
-@pytest.mark.target
+@pytest.mark.slow
 def test_toy_pipeline_makes_the_policy_safer_without_losing_accuracy(tmp_path):
     """Done-when of issue 3: eval/unsafe_rate ≤ ½ base/unsafe_rate (the SFT model's, ≥ 0.3), eval/accuracy ≥
     base/accuracy − 0.05, the four stages in under 10 minutes on 2 cores."""

@@ -9,10 +9,10 @@
     python train.py algo=sft                                                       hydra.run.dir=OUT/sft
     python train.py algo=rm algo.objective=reward model.adapter=OUT/sft/adapter    hydra.run.dir=OUT/reward
     python train.py algo=rm algo.objective=cost   model.adapter=OUT/sft/adapter    hydra.run.dir=OUT/cost
-    python train.py algo=safe_dpo model.adapter=OUT/sft/adapter \\
+    python train.py algo=safe_dpo model.adapter=OUT/sft/adapter algo.lagrangian.threshold=-6 \\
         algo.reward_model=OUT/reward algo.cost_model=OUT/cost                      hydra.run.dir=OUT/safe_dpo
 
-(plus the few trainer settings listed in STAGES). The reward and cost models start from the SFT model and so
+(each stage's loop settings are conf/trainer/<algo>.yaml). The reward and cost models start from the SFT model and so
 share the policy's base: safe_dpo holds them as adapters on it. A stage whose summary.json exists is skipped and
 an interrupted one resumes from its checkpoint, so rerunning the command continues a pipeline. On real models and
 data, run the same commands with `model=... data=...` added (e.g. data=pku_saferlhf for the last three stages).
@@ -35,13 +35,13 @@ from peftlab import REPO_ROOT
 STAGES: dict[str, list[tuple[str, list[str]]]] = {
     "safe_dpo": [
         ("sft", ["algo=sft"]),
-        ("reward", ["algo=rm", "algo.objective=reward", "model.adapter={out}/sft/adapter",
-                    "trainer.max_steps=60", "trainer.eval_every=0", "trainer.eval_base=false"]),
-        ("cost", ["algo=rm", "algo.objective=cost", "model.adapter={out}/sft/adapter",
-                  "trainer.max_steps=60", "trainer.eval_every=0", "trainer.eval_base=false"]),
+        ("reward", ["algo=rm", "algo.objective=reward", "model.adapter={out}/sft/adapter"]),
+        ("cost", ["algo=rm", "algo.objective=cost", "model.adapter={out}/sft/adapter"]),
+        # The cost budget d is in the cost model's units: the toy cost model scores safe answers about -7 and
+        # unsafe ones about +3, so d = -6 asks for nearly every sampled answer to be safe (d = 0 tolerates ~60%
+        # unsafe answers and lets λ fall while the policy is still unsafe).
         ("safe_dpo", ["algo=safe_dpo", "model.adapter={out}/sft/adapter",
-                      "algo.reward_model={out}/reward", "algo.cost_model={out}/cost",
-                      "trainer.max_steps=60", "trainer.lr=5.0e-4", "trainer.eval_every=0"]),
+                      "algo.reward_model={out}/reward", "algo.cost_model={out}/cost", "algo.lagrangian.threshold=-6"]),
     ],
 }
 
