@@ -81,6 +81,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], swe
         dist.check(cfg, algo.needs_reference)
         train_rows, eval_rows = load_splits(cfg.data, algo.data_kind, cfg.trainer.seed)
         resume_from = checkpoint.find(cfg.trainer.resume, run_dir)
+        if resume_from:
+            checkpoint.check_resumable(resume_from, accelerator)
     except (ConfigError, DataError, FileNotFoundError) as err:
         fail(err, run_dir)
 

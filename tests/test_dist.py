@@ -149,6 +149,32 @@ def test_two_ranks_see_the_batches_of_one_process_with_double_accumulation():
         assert all(len(b) == batch_size for b in both)
 
 
+def test_a_checkpoint_resumes_only_under_a_launch_that_can_load_it(tmp_path):
+    """DeepSpeed shards need DeepSpeed and as many processes as wrote them; a plain checkpoint is not DeepSpeed's."""
+    from types import SimpleNamespace
+
+    from peftlab.checkpoint import check_resumable
+
+    def launch(deepspeed: bool, processes: int):
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=object() if deepspeed else None),
+                               num_processes=processes)
+
+    zero, plain = tmp_path / "zero" / "step-3", tmp_path / "plain" / "step-3"
+    (zero / "deepspeed").mkdir(parents=True)
+    plain.mkdir(parents=True)
+    for rank in range(2):
+        (zero / f"rng-{rank}.pt").touch()
+        (plain / f"rng-{rank}.pt").touch()
+    check_resumable(zero, launch(deepspeed=True, processes=2))
+    check_resumable(plain, launch(deepspeed=False, processes=4))  # DDP/single: any number of processes
+    with pytest.raises(ConfigError, match="written with DeepSpeed"):
+        check_resumable(zero, launch(deepspeed=False, processes=2))
+    with pytest.raises(ConfigError, match="written without DeepSpeed"):
+        check_resumable(plain, launch(deepspeed=True, processes=2))
+    with pytest.raises(ConfigError, match="resume it with 2 processes, not 4"):
+        check_resumable(zero, launch(deepspeed=True, processes=4))
+
+
 def test_deepspeed_config_follows_trainer_and_dist_keys():
     cfg, _ = compose(["dist=zero3", "trainer.batch_size=3", "trainer.grad_accum=5", "trainer.max_grad_norm=0.5",
                       "+dist.deepspeed.zero_optimization.overlap_comm=true"])

@@ -26,6 +26,7 @@ import torch
 
 from peftlab import dist
 from peftlab.models import unwrap
+from peftlab.validate import ConfigError
 
 LATEST = "latest"
 DEEPSPEED_TAG = "state"  # the one DeepSpeed checkpoint inside a step directory
@@ -119,13 +120,24 @@ def step_of(path: Path) -> int:
     return int(Path(path).name.split("-")[-1])
 
 
+def check_resumable(path: Path, accelerator) -> None:
+    """ConfigError unless this launch can continue the checkpoint: DeepSpeed's shards load only under DeepSpeed,
+    and only into as many processes as wrote them (one rng-<rank>.pt each)."""
+    written_with_deepspeed = (Path(path) / "deepspeed").exists()
+    if written_with_deepspeed != dist.uses_deepspeed(accelerator):
+        raise ConfigError(f"trainer.resume: checkpoint {path} was written {'with' if written_with_deepspeed else 'without'}"
+                          " DeepSpeed: resume it with the dist= it was written with")
+    writers = len(list(Path(path).glob("rng-*.pt")))
+    if written_with_deepspeed and writers != accelerator.num_processes:
+        raise ConfigError(f"trainer.resume: checkpoint {path} holds DeepSpeed shards of {writers} processes: "
+                          f"resume it with {writers} processes, not {accelerator.num_processes}")
+
+
 def load(path: Path, model, optimizer, scheduler, algo, accelerator) -> dict:
     """Restore a checkpoint in place on every rank; returns its dict (step, extra)."""
     path = Path(path)
+    check_resumable(path, accelerator)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    if (path / "deepspeed").exists() != dist.uses_deepspeed(accelerator):
-        raise ValueError(f"checkpoint {path} was written {'with' if (path / 'deepspeed').exists() else 'without'} "
-                         "DeepSpeed: resume it with the dist= it was written with")
     if dist.uses_deepspeed(accelerator):  # weights (fp32 master shards) and optimizer shards, as DeepSpeed wrote them
         model.load_checkpoint(str(path / "deepspeed"), tag=DEEPSPEED_TAG, load_module_strict=False,
                               load_optimizer_states=True, load_lr_scheduler_states=False)
