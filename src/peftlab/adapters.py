@@ -29,10 +29,26 @@ def resolve_targets(targets, family: str) -> list[str]:
     return [str(t) for t in targets]
 
 
+def enable_dora_eval_cache() -> None:
+    """Let DoRA layers in eval mode keep ||W + BA|| (and BA) from their first forward instead of recomputing both on
+    every call.
+
+    Generation (GRPO rollouts, evaluation) calls each layer once per new token, and peft otherwise rebuilds BA and
+    the full weight norm each time: several weight-sized passes per token. The cache lives only while the model is
+    in eval mode (peft clears it on `.train()`), where the weights do not change; training-mode forwards always
+    recompute. It is peft's own switch (peft.tuners.lora.dora.ENABLE_DORA_CACHING), process-wide.
+    """
+    from peft.tuners.lora import dora
+
+    dora.ENABLE_DORA_CACHING = True
+
+
 def lora_config(peft_cfg, family: str, task_type: str = "CAUSAL_LM"):
     """peft group → peft.LoraConfig. `dora` and `rslora` are flags; quantization is handled at load time."""
     from peft import LoraConfig
 
+    if peft_cfg.dora:
+        enable_dora_eval_cache()
     init = peft_cfg.get("init", "default")
     return LoraConfig(
         r=int(peft_cfg.r),

@@ -8,6 +8,10 @@ One step, for B preference pairs (x, y_w, y_l):
                          or precomputed once before training (algo.precompute_ref=true)
     loss               = mean_b peftlab.losses.dpo_loss(...)   (Eq. 7 for sigmoid)
 
+With algo.packing=true the 2B answers go in as ONE padding-free row (1, T) instead of (2B, L), each sequence
+attending only to itself (see peftlab.algos.sft), and log π(y|x) is summed per sequence: the same numbers, no
+compute spent on padding.
+
 When the run starts from an SFT adapter (algo.start_from=sft or model.adapter=<dir>), that adapter is merged into
 the base before the fresh adapter is added, so the reference is the SFT model.
 
@@ -20,7 +24,8 @@ import torch
 
 from peftlab import losses
 from peftlab.algos.base import Algorithm
-from peftlab.data.format import IGNORE, collate_lm, encode_prompt_completion
+from peftlab.algos.sft import enable_packed_sdpa, lm_logits
+from peftlab.data.format import IGNORE, collate_lm, collate_packed, encode_prompt_completion
 from peftlab.models import unwrap
 from peftlab.validate import ConfigError
 
@@ -30,6 +35,24 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 def completion_length(encoded: dict) -> int:
     """Number of completion (label) tokens of an encoded prompt+completion."""
     return sum(1 for t in encoded["labels"] if t != IGNORE)
+
+
+def packed_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:
+    """Summed label log-probs of each sequence of a packed row (the packed form of losses.sequence_logps).
+
+    Args:
+        logits: (1, T, V) of a row of S sequences back to back.
+        labels: (1, T), IGNORE on prompts, padding and each sequence's first token (never predicted across).
+        cu_seq_lens: (S + 1,) start offsets of the sequences, then T.
+
+    Returns:
+        (S,) float32.
+    """
+    token_logps, _ = losses.token_logprobs(logits, labels)  # (1, T-1): position t scores label t + 1
+    lengths = cu_seq_lens.diff().long()  # (S,)
+    sequence_of = torch.repeat_interleave(torch.arange(len(lengths), device=logits.device), lengths)  # (T,)
+    sums = torch.zeros(len(lengths), dtype=token_logps.dtype, device=logits.device)
+    return sums.index_add(0, sequence_of[1:], token_logps[0])  # (S,)
 
 
 class PairMixin:
@@ -42,6 +65,7 @@ class PairMixin:
     tokenizer = None
     max_length: int = 0
     reference = None
+    packing: bool = False  # answers as one padding-free row (set by the algorithm)
 
     def encode_answers(self, prompt: list[dict], answers: list[str]) -> list[dict]:
         return [encode_prompt_completion(self.tokenizer, prompt, a, self.max_length) for a in answers]
@@ -54,7 +78,7 @@ class PairMixin:
         """
         k = len(examples[0]["answers"])
         encoded = [e["answers"][i] for i in range(k) for e in examples]
-        batch = collate_lm(encoded, self.tokenizer.pad_token_id)
+        batch = collate_packed(encoded) if self.packing else collate_lm(encoded, self.tokenizer.pad_token_id)
         batch["lengths"] = torch.tensor([completion_length(x) for x in encoded], dtype=torch.long)
         if "ref_logps" in examples[0]:
             batch["ref_logps"] = torch.tensor([e["ref_logps"][i] for i in range(k) for e in examples],
@@ -63,8 +87,10 @@ class PairMixin:
 
     @staticmethod
     def answer_logps(model, batch: dict) -> torch.Tensor:
-        """(K·B,) summed completion log-probs under `model` (float32)."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (K·B, L, V)
+        """(K·B,) summed completion log-probs under `model` (float32), from a padded or a packed batch."""
+        logits = lm_logits(model, batch)  # (K·B, L, V), or (1, T, V) packed
+        if "cu_seq_lens" in batch:
+            return packed_sequence_logps(logits, batch["labels"], batch["cu_seq_lens"]).float()  # (K·B,)
         return losses.sequence_logps(logits, batch["labels"]).float()  # (K·B,)
 
     @torch.no_grad()
@@ -83,7 +109,7 @@ class PairMixin:
             ref_model.eval()
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start:start + batch_size]
-                batch = {k: v.to(device) for k, v in self.collate_answers(chunk).items()}
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.collate_answers(chunk).items()}
                 logps = self.answer_logps(ref_model, batch).view(-1, len(chunk))  # (K, B)
                 for b, example in enumerate(chunk):
                     example["ref_logps"] = logps[:, b].tolist()
@@ -113,18 +139,23 @@ class DPO(PairMixin, Algorithm):
 
     def __init__(self, tokenizer, max_length: int, start_from: str = "sft", beta: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, precompute_ref: bool = False,
-                 ref_batch_size: int = 32):
+                 ref_batch_size: int = 32, packing: bool = False):
         super().__init__(tokenizer, max_length, start_from)
         check_loss_options(beta, loss_type, label_smoothing)
         self.beta, self.loss_type, self.label_smoothing = float(beta), loss_type, float(label_smoothing)
         self.precompute_ref, self.ref_batch_size = bool(precompute_ref), int(ref_batch_size)
+        self.packing = bool(packing)
 
     def hparams(self):
         return {"beta": self.beta, "loss_type": self.loss_type, "label_smoothing": self.label_smoothing,
-                "precompute_ref": self.precompute_ref}
+                "precompute_ref": self.precompute_ref, "packing": self.packing}
 
     def setup(self, policy, reference=None, device=None, train_examples=(), eval_examples=()):
         super().setup(policy, reference, device, train_examples, eval_examples)
+        if self.packing:  # the policy, and the frozen copy that is the reference of a full fine-tune
+            for model in (unwrap(policy), getattr(reference, "copy", None)):
+                if model is not None:
+                    enable_packed_sdpa(model)
         if self.precompute_ref:
             self.precompute_reference(list(train_examples) + list(eval_examples), self.ref_batch_size, device)
 
@@ -135,7 +166,7 @@ class DPO(PairMixin, Algorithm):
         return self.collate_answers(examples)
 
     def num_items(self, batch):
-        return batch["input_ids"].shape[0] // 2  # pairs
+        return batch["lengths"].shape[0] // 2  # pairs (a packed batch is one row)
 
     def pair_losses(self, policy_logps: torch.Tensor, ref_logps: torch.Tensor, lengths: torch.Tensor):
         """(2B,) log-probs → per-pair losses (B,) and implicit rewards (B,), (B,)."""

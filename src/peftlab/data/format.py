@@ -66,3 +66,33 @@ def collate_lm(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         "attention_mask": pad([[1] * len(s) for s in ids], 0),
         "labels": pad([e["labels"] for e in examples], IGNORE),
     }
+
+
+
+def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Examples with input_ids/labels → ONE row holding every sequence back to back (padding-free packing).
+
+    Position ids restart at 0 for every sequence. With `attention_mask=None` and no KV cache, transformers reads
+    the sequence boundaries from them (masking_utils.find_packed_sequence_indices: a block-diagonal causal mask for
+    sdpa/eager; flash attention takes `cu_seq_lens` directly), so no token attends across sequences and the loss
+    equals the padded batch's. The first label of each sequence is IGNORE: it would otherwise be predicted from the
+    previous sequence's last token (a padded batch never predicts position 0 either).
+
+    Returns input_ids, labels, position_ids and attention_mask (all ones, for token counts: the model must not
+    receive it, a 2-D mask turns the packed detection off), each (1, T) with T = the batch's real tokens;
+    cu_seq_lens (S + 1,) int32 sequence start offsets then T, and max_length (the longest sequence), as
+    transformers' varlen attention kwargs expect them.
+    """
+    lengths = [len(e["input_ids"]) for e in examples]
+    starts = [0]
+    for length in lengths:
+        starts.append(starts[-1] + length)
+    return {
+        "input_ids": torch.tensor([[t for e in examples for t in e["input_ids"]]], dtype=torch.long),
+        "attention_mask": torch.ones(1, starts[-1], dtype=torch.long),
+        "labels": torch.tensor([[IGNORE if p == 0 else t for e in examples for p, t in enumerate(e["labels"])]],
+                               dtype=torch.long),
+        "position_ids": torch.tensor([[p for n in lengths for p in range(n)]], dtype=torch.long),
+        "cu_seq_lens": torch.tensor(starts, dtype=torch.int32),
+        "max_length": max(lengths),
+    }
