@@ -205,3 +205,28 @@ def test_supported_combinations_pass_the_checks(monkeypatch):
                                        (["dist=zero3", "peft=dora"], True), (["dist=zero3", "peft=none"], False)):
         cfg, _ = compose(overrides)
         dist.check(cfg, needs_reference)
+
+
+GATHER_SCRIPT = """
+import json, sys
+import torch.distributed as d
+from peftlab.dist import gather_lists
+d.init_process_group("gloo")
+rank = d.get_rank()
+with open(f"{sys.argv[1]}/{rank}.json", "w") as f:
+    json.dump(gather_lists([rank, 10 * rank + 1]), f)
+d.destroy_process_group()
+"""
+
+
+def test_gather_lists_gives_every_rank_all_ranks_values(tmp_path):
+    """safe_dpo's λ is driven by every rank's sampled costs: each rank must see the same, full list."""
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    gathered = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert gathered == [[0, 1, 1, 11], [0, 1, 1, 11]]
+    assert dist.gather_lists([3, 4]) == [3, 4]  # one process: unchanged

@@ -79,6 +79,18 @@ def deepspeed_config(cfg, bf16: bool) -> dict:
     return merge(config, extra)
 
 
+def gather_lists(values: list) -> list:
+    """Every rank's `values` concatenated in rank order: the same list on every rank (`values` with one process).
+
+    For per-rank Python figures that must agree across ranks, e.g. the sampled costs that move safe_dpo's λ.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(values)
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, list(values))
+    return [v for part in parts for v in part]
+
+
 def merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for k, v in override.items():

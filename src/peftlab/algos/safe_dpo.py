@@ -37,6 +37,7 @@ from peftlab.algos.base import Algorithm
 from peftlab.algos.dpo import PairMixin, check_loss_options
 from peftlab.data.format import IGNORE, encode, pad, render_prompt
 from peftlab.data.schemas import as_messages
+from peftlab.dist import gather_lists
 from peftlab.models import unwrap
 from peftlab.validate import ConfigError
 
@@ -391,7 +392,8 @@ class SafeDPO(PairMixin, Algorithm):
 
     def on_step_end(self, model, step):
         if "cost" in self.scorers and self.lagrangian.due(step):
-            scored = self.sample_and_score(model, step)
+            # every rank's samples, so that λ (and the loss it weights) is the same on all ranks
+            scored = {k: gather_lists(v) for k, v in self.sample_and_score(model, step).items()}
             self.lagrangian.record(scored["cost"], scored.get("reward"))
             self.lagrangian.update(step)
             self.latest = {"safe/cost": self.lagrangian.cost_mean, "train/kl": sum(scored["kl"]) / len(scored["kl"]),
