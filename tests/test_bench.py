@@ -13,7 +13,8 @@ import torch
 from conftest import compose, live_policy
 from peftlab import bench, losses
 from peftlab.algos.dpo import DPO
-from peftlab.algos.sft import SFT, lm_logits
+from peftlab.algos.sft import SFT
+from peftlab.packing import lm_logits
 from peftlab.data import load_splits
 from peftlab.models import Reference
 

@@ -38,32 +38,28 @@ def single_score(model, encoded) -> torch.Tensor:
     return model(input_ids=torch.tensor([encoded["input_ids"]])).logits[0, 0]
 
 
-def test_reward_objective_is_bradley_terry_on_single_forwards(scorer_model):
+def batched_loss_and_single_scores(scorer_model, objective: str, data_kind: str):
+    """The algorithm's loss on one collated batch of SAFETY_ROWS, and each answer scored alone (no padding)."""
     cfg, tokenizer, model = scorer_model
-    algo = RewardModel(tokenizer, cfg.model.max_length, objective="reward")
-    assert algo.data_kind == "preference"
-    rows = [convert("preference", "pku_saferlhf", r) for r in SAFETY_ROWS]
-    examples = algo.build_examples(rows)
+    algo = RewardModel(tokenizer, cfg.model.max_length, objective=objective)
+    assert algo.data_kind == data_kind
+    examples = algo.build_examples([convert(data_kind, "pku_saferlhf", r) for r in SAFETY_ROWS])
     algo.setup(model, device=CPU)
     loss, metrics = algo.loss(model, algo.collate(examples))
     with torch.no_grad():
-        chosen = torch.stack([single_score(model, e["answers"][0]) for e in examples])
-        rejected = torch.stack([single_score(model, e["answers"][1]) for e in examples])
+        first = torch.stack([single_score(model, e["answers"][0]) for e in examples])
+        second = torch.stack([single_score(model, e["answers"][1]) for e in examples])
+    return loss, metrics, first, second
+
+
+def test_reward_objective_is_bradley_terry_on_single_forwards(scorer_model):
+    loss, metrics, chosen, rejected = batched_loss_and_single_scores(scorer_model, "reward", "preference")
     assert torch.allclose(loss, losses.bradley_terry_loss(chosen, rejected), atol=1e-5)
     assert metrics["train/pair_accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
 
 
 def test_cost_objective_is_the_safe_rlhf_cost_loss(scorer_model):
-    cfg, tokenizer, model = scorer_model
-    algo = RewardModel(tokenizer, cfg.model.max_length, objective="cost")
-    assert algo.data_kind == "safety"
-    rows = [convert("safety", "pku_saferlhf", r) for r in SAFETY_ROWS]
-    examples = algo.build_examples(rows)
-    algo.setup(model, device=CPU)
-    loss, metrics = algo.loss(model, algo.collate(examples))
-    with torch.no_grad():
-        c0 = torch.stack([single_score(model, e["answers"][0]) for e in examples])
-        c1 = torch.stack([single_score(model, e["answers"][1]) for e in examples])
+    loss, metrics, c0, c1 = batched_loss_and_single_scores(scorer_model, "cost", "safety")
     expected = losses.cost_loss(c0, c1, torch.tensor([1, 1, 0]), torch.tensor([False, True, True]),
                                 torch.tensor([True, True, False]))
     assert torch.allclose(loss, expected, atol=1e-5)

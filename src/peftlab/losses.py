@@ -95,6 +95,24 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return logps.sum(dim=-1)  # (B,)
 
 
+def packed_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:
+    """Summed label log-probs of each sequence of a packed row (the packed form of `sequence_logps`).
+
+    Args:
+        logits: (1, T, V) of a row of S sequences back to back.
+        labels: (1, T), IGNORE on prompts, padding and each sequence's first token (never predicted across).
+        cu_seq_lens: (S + 1,) start offsets of the sequences, then T.
+
+    Returns:
+        (S,) float32.
+    """
+    token_logps, _ = token_logprobs(logits, labels)  # (1, T-1): position t scores label t + 1
+    lengths = cu_seq_lens.diff().long()  # (S,)
+    sequence_of = torch.repeat_interleave(torch.arange(len(lengths), device=logits.device), lengths)  # (T,)
+    sums = torch.zeros(len(lengths), dtype=token_logps.dtype, device=logits.device)
+    return sums.index_add(0, sequence_of[1:], token_logps[0])  # (S,)
+
+
 def sft_loss(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ One step, for B preference pairs (x, y_w, y_l):
     loss               = mean_b peftlab.losses.dpo_loss(...)   (Eq. 7 for sigmoid)
 
 With algo.packing=true the 2B answers go in as ONE padding-free row (1, T) instead of (2B, L), each sequence
-attending only to itself (see peftlab.algos.sft), and log π(y|x) is summed per sequence: the same numbers, no
+attending only to itself (see peftlab.packing), and log π(y|x) is summed per sequence: the same numbers, no
 compute spent on padding.
 
 When the run starts from an SFT adapter (algo.start_from=sft or model.adapter=<dir>), that adapter is merged into
@@ -24,9 +24,9 @@ import torch
 
 from peftlab import losses
 from peftlab.algos.base import Algorithm
-from peftlab.algos.sft import enable_packed_sdpa, lm_logits
 from peftlab.data.format import IGNORE, collate_lm, collate_packed, encode_prompt_completion
 from peftlab.models import unwrap
+from peftlab.packing import enable_packed_sdpa, lm_logits
 from peftlab.validate import ConfigError
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -35,24 +35,6 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 def completion_length(encoded: dict) -> int:
     """Number of completion (label) tokens of an encoded prompt+completion."""
     return sum(1 for t in encoded["labels"] if t != IGNORE)
-
-
-def packed_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:
-    """Summed label log-probs of each sequence of a packed row (the packed form of losses.sequence_logps).
-
-    Args:
-        logits: (1, T, V) of a row of S sequences back to back.
-        labels: (1, T), IGNORE on prompts, padding and each sequence's first token (never predicted across).
-        cu_seq_lens: (S + 1,) start offsets of the sequences, then T.
-
-    Returns:
-        (S,) float32.
-    """
-    token_logps, _ = losses.token_logprobs(logits, labels)  # (1, T-1): position t scores label t + 1
-    lengths = cu_seq_lens.diff().long()  # (S,)
-    sequence_of = torch.repeat_interleave(torch.arange(len(lengths), device=logits.device), lengths)  # (T,)
-    sums = torch.zeros(len(lengths), dtype=token_logps.dtype, device=logits.device)
-    return sums.index_add(0, sequence_of[1:], token_logps[0])  # (S,)
 
 
 class PairMixin:
@@ -90,7 +72,7 @@ class PairMixin:
         """(K·B,) summed completion log-probs under `model` (float32), from a padded or a packed batch."""
         logits = lm_logits(model, batch)  # (K·B, L, V), or (1, T, V) packed
         if "cu_seq_lens" in batch:
-            return packed_sequence_logps(logits, batch["labels"], batch["cu_seq_lens"]).float()  # (K·B,)
+            return losses.packed_sequence_logps(logits, batch["labels"], batch["cu_seq_lens"]).float()  # (K·B,)
         return losses.sequence_logps(logits, batch["labels"]).float()  # (K·B,)
 
     @torch.no_grad()
@@ -116,9 +98,9 @@ class PairMixin:
             ref_model.train(was_training)
 
     def iterate(self, examples: list[dict], batch_size: int, device):
-        """Collated batches of `examples` on `device` (for evaluation)."""
+        """Collated batches of `examples` (the algorithm's own `collate`) on `device`, for evaluation."""
         for start in range(0, len(examples), batch_size):
-            batch = self.collate_answers(examples[start:start + batch_size])
+            batch = self.collate(examples[start:start + batch_size])
             yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 

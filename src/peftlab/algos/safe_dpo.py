@@ -316,9 +316,7 @@ class SafeDPO(PairMixin, Algorithm):
     def evaluate(self, model, examples, batch_size):
         """Held-out pair accuracies (implicit reward of the chosen answer above the rejected one) and losses."""
         totals = {"helpful_accuracy": 0.0, "safety_accuracy": 0.0, "loss_helpful": 0.0, "loss_safety": 0.0}
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            batch = {k: v.to(unwrap(model).device) for k, v in self.collate(chunk).items()}
+        for batch in self.iterate(examples, batch_size, unwrap(model).device):
             terms = self.pair_terms(self.answer_logps(model, batch), self.reference_logps(batch), batch, scaled=False)
             for pair in ("helpful", "safety"):
                 pair_loss, margin = terms[pair]

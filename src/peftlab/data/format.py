@@ -68,7 +68,6 @@ def collate_lm(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-
 def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
     """Examples with input_ids/labels → ONE row holding every sequence back to back (padding-free packing).
 
