@@ -118,6 +118,23 @@ def test_concatenated_loss_equals_per_answer_computation(setup, loss_type):
     policy.train()
 
 
+def test_rpo_adds_alpha_times_the_chosen_answers_nll(setup):
+    """algo.rpo_alpha=α: loss = DPO loss + α · token-mean NLL of the chosen answers (TRL's rpo_alpha)."""
+    plain, examples, policy = make_algo(setup)
+    rpo, rpo_examples, _ = make_algo(setup, rpo_alpha=0.5)
+    policy.eval()
+    with torch.no_grad():
+        dpo_loss, _ = plain.loss(policy, plain.collate(examples))
+        rpo_loss, metrics = rpo.loss(policy, rpo.collate(rpo_examples))
+        logps = torch.stack([single_logps(policy, e, 0) for e in examples])  # (B,) chosen, one forward each
+    tokens = sum(sum(t != -100 for t in e["answers"][0]["labels"][1:]) for e in examples)
+    nll = -logps.sum().item() / tokens
+    assert metrics["loss/nll"] == pytest.approx(nll, abs=1e-5)
+    assert rpo_loss.item() == pytest.approx(dpo_loss.item() + 0.5 * nll, abs=1e-5)
+    assert rpo.hparams()["rpo_alpha"] == 0.5
+    policy.train()
+
+
 def test_reference_is_the_model_without_its_adapter(setup):
     """A fresh adapter (B = 0) makes policy = reference: loss log 2, zero rewards, whatever the data."""
     cfg, tokenizer, _ = setup
@@ -158,6 +175,8 @@ def test_bad_options_are_one_line_config_errors(setup):
         DPO(tokenizer, 64, loss_type="kto")
     with pytest.raises(ConfigError, match="label_smoothing"):
         DPO(tokenizer, 64, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ConfigError, match="algo.rpo_alpha"):
+        DPO(tokenizer, 64, rpo_alpha=-1.0)
 
 
 def test_short_run_logs_dpo_metrics(tmp_path):
@@ -176,9 +195,11 @@ def test_short_run_logs_dpo_metrics(tmp_path):
 SFT_ADAPTER = Path(__file__).resolve().parents[1] / "assets" / "adapters" / "tiny_qwen_sft"
 
 
-@pytest.mark.target
+@pytest.mark.slow
 @pytest.mark.skipif(not SFT_ADAPTER.exists(), reason="the shipped SFT adapter is not built yet")
-def test_dpo_from_sft_reaches_pref_accuracy(tmp_path):
-    run_dir = train_run(tmp_path / "dpo", ["algo=dpo", "logger=none", "eval=none"])
+def test_dpo_from_sft_reaches_pref_accuracy_and_keeps_the_task(tmp_path):
+    """`python train.py algo=dpo`: held-out pairs preferred ≥ 0.9, and the SFT model's accuracy kept (RPO's job)."""
+    run_dir = train_run(tmp_path / "dpo", ["algo=dpo", "logger=none"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval/pref_accuracy"] >= 0.9, summary
+    assert summary["eval/accuracy"] >= summary["base/accuracy"] - 0.1, summary  # plain DPO (rpo_alpha=0): −0.155

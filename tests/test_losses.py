@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from peftlab.losses import (
     bradley_terry_loss,
+    chosen_nll,
     cost_loss,
     dpo_loss,
     group_advantages,
@@ -95,6 +96,21 @@ def test_sft_loss_hand_computed_and_matches_cross_entropy():
     assert abs(loss.item() - ce.item()) < 1e-6
     loss.backward()
     assert logits.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
+
+
+def test_chosen_nll_is_the_token_mean_cross_entropy_of_the_chosen_answers():
+    """RPO's term (TRL's rpo_alpha: cross-entropy on the chosen half) from summed log-probs and token counts."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 7, 11, generator=g, requires_grad=True)  # (B, L, V)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[0, :3], labels[1, :5], labels[2, :2] = -100, -100, -100  # prompts of different lengths
+    lengths = (labels[:, 1:] != -100).sum(-1)  # (B,) the first position is never predicted
+    nll = chosen_nll(sequence_logps(logits, labels), lengths)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(nll.item() - ce.item()) < 1e-6
+    (g_ours,) = torch.autograd.grad(nll, logits)
+    (g_ce,) = torch.autograd.grad(ce, logits)
+    torch.testing.assert_close(g_ours, g_ce, rtol=0, atol=1e-7)
 
 
 def test_sft_loss_no_label_tokens_is_zero_not_nan():

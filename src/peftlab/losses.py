@@ -229,6 +229,22 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """The RPO term (the DPO+NLL loss of Pang et al. 2024, "Iterative Reasoning Preference Optimization"): the
+    negative log-likelihood of the chosen answers, averaged over all their tokens in the batch (TRL's ``rpo_alpha``
+    term: cross-entropy on the chosen half). Added as ``dpo + α·nll`` it keeps DPO from lowering the chosen answers'
+    own likelihood while it widens the margin.
+
+    Args:
+        policy_chosen_logps: (B,) summed completion log-probs of the chosen answers.
+        chosen_lengths: (B,) their completion token counts.
+
+    Returns:
+        scalar: −Σ_b log π(y_w|x) / Σ_b |y_w|.
+    """
+    return -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1).to(policy_chosen_logps.dtype)
+
+
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
     """Pairwise reward-model loss: ``-mean log σ(r(x, y_c) − r(x, y_r))``.
 

@@ -7,6 +7,7 @@ One step, for B preference pairs (x, y_w, y_l):
     log π_ref(y|x)     = the same with the adapter disabled (no second copy; a frozen copy only for peft=none),
                          or precomputed once before training (algo.precompute_ref=true)
     loss               = mean_b peftlab.losses.dpo_loss(...)   (Eq. 7 for sigmoid)
+                         + rpo_alpha · peftlab.losses.chosen_nll(...)   (RPO, when algo.rpo_alpha > 0)
 
 With algo.packing=true the 2B answers go in as ONE padding-free row (1, T) instead of (2B, L), each sequence
 attending only to itself (see peftlab.packing), and log π(y|x) is summed per sequence: the same numbers, no
@@ -121,16 +122,19 @@ class DPO(PairMixin, Algorithm):
 
     def __init__(self, tokenizer, max_length: int, start_from: str = "sft", beta: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, precompute_ref: bool = False,
-                 ref_batch_size: int = 32, packing: bool = False):
+                 ref_batch_size: int = 32, packing: bool = False, rpo_alpha: float = 0.0):
         super().__init__(tokenizer, max_length, start_from)
         check_loss_options(beta, loss_type, label_smoothing)
+        if not rpo_alpha >= 0:
+            raise ConfigError(f"algo.rpo_alpha={rpo_alpha} must be >= 0")
+        self.rpo_alpha = float(rpo_alpha)
         self.beta, self.loss_type, self.label_smoothing = float(beta), loss_type, float(label_smoothing)
         self.precompute_ref, self.ref_batch_size = bool(precompute_ref), int(ref_batch_size)
         self.packing = bool(packing)
 
     def hparams(self):
         return {"beta": self.beta, "loss_type": self.loss_type, "label_smoothing": self.label_smoothing,
-                "precompute_ref": self.precompute_ref, "packing": self.packing}
+                "precompute_ref": self.precompute_ref, "packing": self.packing, "rpo_alpha": self.rpo_alpha}
 
     def setup(self, policy, reference=None, device=None, train_examples=(), eval_examples=()):
         super().setup(policy, reference, device, train_examples, eval_examples)
@@ -166,9 +170,14 @@ class DPO(PairMixin, Algorithm):
         ref_logps = self.reference_logps(batch)  # (2B,)
         pair_losses, chosen_rewards, rejected_rewards = self.pair_losses(policy_logps, ref_logps, batch["lengths"])
         loss = pair_losses.mean()
+        stats = {}
+        if self.rpo_alpha:
+            nll = losses.chosen_nll(policy_logps.chunk(2)[0], batch["lengths"].chunk(2)[0])
+            loss = loss + self.rpo_alpha * nll
+            stats["loss/nll"] = nll.item()
         chosen_logps, rejected_logps = policy_logps.detach().chunk(2)
         margins = chosen_rewards - rejected_rewards  # (B,)
-        return loss, {
+        return loss, stats | {
             "rewards/chosen": chosen_rewards.mean().item(),
             "rewards/rejected": rejected_rewards.mean().item(),
             "rewards/margins": margins.mean().item(),
