@@ -103,6 +103,8 @@ def test_bad_lagrangian_and_margin_options():
         SafeDPO(tokenizer, max_length, loss_type="ipo", safety_margin=1.0)
     with pytest.raises(ConfigError, match="beta_scaling"):
         SafeDPO(tokenizer, max_length, beta_scaling=dict(weight=1.0))
+    with pytest.raises(ConfigError, match="algo.rpo_alpha"):
+        SafeDPO(tokenizer, max_length, rpo_alpha=-0.5)
 
 
 # ---- the primal loss ------------------------------------------------------------------------------------------------
@@ -152,6 +154,31 @@ def test_primal_loss_is_the_normalized_lagrangian(policy_setup):
     assert metrics["loss/helpful"] == pytest.approx(helpful.mean().item(), abs=1e-5)
     assert metrics["loss/safety"] == pytest.approx(safety.mean().item(), abs=1e-5)
     assert metrics["safe/lambda"] == pytest.approx(2.5)
+    policy.train()
+
+
+def test_rpo_term_weighs_each_pairs_chosen_nll_like_its_pair_loss(policy_setup):
+    """rpo_alpha=α adds α·(NLL of the better answers + λ·NLL of the safer answers)/(1 + λ), token means over the batch."""
+    cfg, tokenizer, policy = policy_setup
+    plain = SafeDPO(tokenizer, cfg.model.max_length, lagrangian=dict(lambda_init=2.5))
+    rpo = SafeDPO(tokenizer, cfg.model.max_length, lagrangian=dict(lambda_init=2.5), rpo_alpha=0.5)
+    policy.eval()
+    with torch.no_grad():
+        for algo in (plain, rpo):
+            algo.setup(policy, Reference(policy, "lora"), CPU, algo.build_examples(ROWS), [])
+        batch = plain.collate(plain.build_examples(ROWS))
+        plain_loss, _ = plain.loss(policy, batch)
+        rpo_loss, metrics = rpo.loss(policy, batch)
+        logps = plain.answer_logps(policy, batch).view(2, -1)  # (2, B)
+    lengths = batch["lengths"].view(2, -1)
+    nll = {}
+    for pair, column in (("helpful", "better_response_id"), ("safety", "safer_response_id")):
+        chosen = [row[column] for row in ROWS]
+        nll[pair] = -sum(logps[k, b] for b, k in enumerate(chosen)).item() / sum(
+            lengths[k, b] for b, k in enumerate(chosen)).item()
+        assert metrics[f"loss/nll_{pair}"] == pytest.approx(nll[pair], abs=1e-5)
+    assert rpo_loss.item() == pytest.approx(plain_loss.item() + 0.5 * (nll["helpful"] + 2.5 * nll["safety"]) / 3.5,
+                                            abs=1e-5)
     policy.train()
 
 

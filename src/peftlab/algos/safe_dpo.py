@@ -8,6 +8,7 @@ Each PKU-SafeRLHF row (x, y_0, y_1) gives two preference pairs over the same two
 The primal loss is the normalized Lagrangian (Safe RLHF, Dai et al. 2023, Eq. 10, rewritten for DPO):
 
     L = (L_H + λ·L_S) / (1 + λ)          λ a number during the policy step (no gradient flows into it)
+      + rpo_alpha · (NLL_H + λ·NLL_S) / (1 + λ)   the chosen answers' NLL (RPO, as in algo=dpo), when rpo_alpha > 0
 
 The dual variable follows projected dual ascent in log space on the constraint J_C ≤ d, where J_C is the mean
 cost-model score of answers SAMPLED FROM THE POLICY for held-out prompts (not of the dataset's answers):
@@ -130,9 +131,12 @@ class SafeDPO(PairMixin, Algorithm):
                  safety_margin: float = 0.0, beta_scaling: dict | None = None, lagrangian: dict | None = None,
                  sampling: dict | None = None, reward_model: str | None = None, cost_model: str | None = None,
                  share_base: bool = True, policy_base: dict | None = None, ref_batch_size: int = 32,
-                 score_batch_size: int = 32):
+                 score_batch_size: int = 32, rpo_alpha: float = 0.0):
         super().__init__(tokenizer, max_length, start_from)
         check_loss_options(beta, loss_type, label_smoothing)
+        if not rpo_alpha >= 0:
+            raise ConfigError(f"algo.rpo_alpha={rpo_alpha} must be >= 0")
+        self.rpo_alpha = float(rpo_alpha)
         if safety_margin and loss_type == "ipo":
             raise ConfigError("algo.safety_margin is not defined for algo.loss_type=ipo (use sigmoid or hinge)")
         if safety_margin < 0:
@@ -182,7 +186,7 @@ class SafeDPO(PairMixin, Algorithm):
     def hparams(self):
         lag = self.lagrangian
         return {"beta": self.beta, "loss_type": self.loss_type, "label_smoothing": self.label_smoothing,
-                "safety_margin": self.safety_margin, "beta_scaling": dict(self.beta_scaling),
+                "safety_margin": self.safety_margin, "beta_scaling": dict(self.beta_scaling), "rpo_alpha": self.rpo_alpha,
                 "lambda_lr": lag.lambda_lr, "lambda_max": lag.lambda_max, "threshold": lag.threshold,
                 "window": lag.costs.maxlen, "update_every": lag.update_every,
                 "update_delay_steps": lag.update_delay_steps, "final_lambda": lag.value,
@@ -302,7 +306,15 @@ class SafeDPO(PairMixin, Algorithm):
         (helpful_loss, helpful_margin), (safety_loss, safety_margin) = terms["helpful"], terms["safety"]
         lam = self.lagrangian.value  # a number: no gradient reaches λ in the policy step
         loss = ((helpful_loss + lam * safety_loss) / (1.0 + lam)).mean()
-        return loss, {
+        stats = {}
+        if self.rpo_alpha:  # RPO on each pair's chosen answers, weighted as the pair losses are
+            rows = torch.arange(batch["better"].shape[0], device=policy_logps.device)
+            policy, lengths = policy_logps.view(2, -1), batch["lengths"].view(2, -1)  # (2, B), (2, B)
+            nll = {pair: losses.chosen_nll(policy[chosen_id, rows], lengths[chosen_id, rows])
+                   for pair, chosen_id in (("helpful", batch["better"]), ("safety", batch["safer"]))}
+            loss = loss + self.rpo_alpha * (nll["helpful"] + lam * nll["safety"]) / (1.0 + lam)
+            stats = {"loss/nll_helpful": nll["helpful"].item(), "loss/nll_safety": nll["safety"].item()}
+        return loss, stats | {
             "loss/helpful": helpful_loss.mean().item(),
             "loss/safety": safety_loss.mean().item(),
             "rewards/helpful_accuracies": (helpful_margin > 0).float().mean().item(),
