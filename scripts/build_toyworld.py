@@ -71,7 +71,7 @@ TARGET_ACCURACY, CHECK_EVERY, N_CALIBRATION = 0.85, 50, 300
 
 
 def world_texts(data_dir: Path, corpus: list[str]) -> list[str]:
-    """Every string of the world (corpus + all data file fields), for tokenizer training and the round-trip check."""
+    """Every string of the world (corpus + all data file fields), for the tokenizer's round-trip check."""
     texts = list(corpus)
     for path in sorted(data_dir.glob("*.jsonl")):
         for line in path.read_text().splitlines():
@@ -253,7 +253,9 @@ def main() -> None:
     counts = toyworld.write_datasets(data_dir, seed=SEED)
     corpus = toyworld.pretraining_corpus(seed=SEED)
     texts = world_texts(data_dir, corpus)
-    tok = build_tokenizer(texts)
+    # The tokenizer learns its merges from the corpus alone, so editing a data file (its reply styles, its pairs)
+    # leaves the tokenizer, and hence the pretrained checkpoints, unchanged; byte-level BPE encodes any text.
+    tok = build_tokenizer(corpus)
     check_tokenizer(tok, texts)
     eval_facts = toyworld.split_facts(SEED)["task_eval"]
 
