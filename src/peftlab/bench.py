@@ -99,6 +99,13 @@ def random_text(generator: torch.Generator, num_tokens: int, word_tokens: dict[s
     return " ".join(words)
 
 
+def chat_overhead(tokenizer) -> int:
+    """Tokens the chat template adds around one user turn and one assistant turn."""
+    turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    ids = tokenizer.apply_chat_template(turns, tokenize=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def synthetic_rows(algo: str, num_rows: int, tokenizer, seq_len: int, max_new_tokens: int, seed: int) -> list[dict]:
     """Canonical rows (peftlab.data.schemas) of random words with realistic, varied lengths.
 
@@ -108,7 +115,7 @@ def synthetic_rows(algo: str, num_rows: int, tokenizer, seq_len: int, max_new_to
     """
     generator = torch.Generator().manual_seed(seed)
     word_tokens = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in WORDS}
-    overhead = 12  # chat-template tokens around one user turn and one assistant turn
+    overhead = chat_overhead(tokenizer)
 
     def uniform(low: int, high: int) -> int:
         return int(torch.randint(low, high + 1, (1,), generator=generator))
