@@ -25,7 +25,7 @@ from peftlab.adapters import resolve_targets
 from peftlab.data import load_splits
 from peftlab.data.load import DataError
 from peftlab.models import Reference, build_policy, count_parameters, load_tokenizer, train_dtype
-from peftlab.tracking import RunLog, make_tracker, run_name, write_json_atomic
+from peftlab.tracking import RunLog, make_tracker, run_name, sweep_group, write_json_atomic
 from peftlab.validate import ConfigError, validate
 
 
@@ -55,9 +55,9 @@ def save_outputs(run_dir: Path, model, weights: dict, tokenizer, peft_method: st
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
-    sweep_group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None
+    group = sweep_group(hydra_cfg.sweep.dir) if hydra_cfg.mode.name == "MULTIRUN" else None
     return run(cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices),
-               list(hydra_cfg.overrides.task), sweep_group)
+               list(hydra_cfg.overrides.task), group)
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], sweep_group: str | None = None):

@@ -39,7 +39,7 @@ def test_rank_sweep_runs_compare_and_wandb(rank_sweep, tmp_path):
         summary = json.loads((job / "summary.json").read_text())
         assert summary["r"] == r and f"peft.r={r}" in summary["overrides"]
         run = read_offline_run(next((job / "wandb").glob("offline-run-*/run-*.wandb")))
-        assert run["group"] == rank_sweep.name  # one group per sweep
+        assert run["group"] == f"{rank_sweep.parent.name}_{rank_sweep.name}"  # one group per sweep
         assert run["name"].startswith(f"peft.r={r}")
         assert run["config"]["peft.r"] == r and run["config"]["peft"] == "lora"
         assert run["summary"]["trainable_params"] == summary["trainable_params"]

@@ -34,3 +34,11 @@ def test_logger_none_writes_no_wandb_files(tmp_path):
     lines = read_metrics(run_dir)
     assert [m["step"] for m in lines if "train/loss" in m] == [1, 2]
     assert "eval/loss" in lines[-1]
+
+
+def test_sweep_group_is_the_sweep_directorys_date_and_time():
+    from peftlab.tracking import sweep_group
+
+    assert sweep_group("outputs/multirun/2026-11-22/09-00-06") == "2026-11-22_09-00-06"
+    assert sweep_group("/runs/rank_sweep") == "runs_rank_sweep"
+    assert sweep_group("rank_sweep") == "rank_sweep"

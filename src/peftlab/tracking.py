@@ -108,6 +108,13 @@ class RunLog:
             self.file.close()
 
 
+def sweep_group(sweep_dir) -> str:
+    """The W&B group of a sweep's runs: its directory's last two parts, e.g. "2026-11-22_09-00-06" for
+    outputs/multirun/2026-11-22/09-00-06 (the time alone would put same-time sweeps of different days together)."""
+    path = Path(sweep_dir)
+    return f"{path.parent.name}_{path.name}" if path.parent.name else path.name
+
+
 def make_tracker(cfg, run_dir: Path, choices: dict, overrides: list[str], sweep_group: str | None, is_main: bool):
     if cfg.logger.backend != "wandb" or not is_main:
         return NullTracker()
