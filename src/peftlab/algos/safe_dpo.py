@@ -8,7 +8,7 @@ Each PKU-SafeRLHF row (x, y_0, y_1) gives two preference pairs over the same two
 The primal loss is the normalized Lagrangian (Safe RLHF, Dai et al. 2023, Eq. 10, rewritten for DPO):
 
     L = (L_H + λ·L_S) / (1 + λ)          λ a number during the policy step (no gradient flows into it)
-      + rpo_alpha · (NLL_H + λ·NLL_S) / (1 + λ)   the chosen answers' NLL (RPO, as in algo=dpo), when rpo_alpha > 0
+      + rpo_alpha · (NLL_H + λ·NLL_S) / (1 + λ)   the chosen answers' NLL (RPO as in algo=dpo), if rpo_alpha > 0
 
 The dual variable follows projected dual ascent in log space on the constraint J_C ≤ d, where J_C is the mean
 cost-model score of answers SAMPLED FROM THE POLICY for held-out prompts (not of the dataset's answers):
@@ -186,9 +186,9 @@ class SafeDPO(PairMixin, Algorithm):
     def hparams(self):
         lag = self.lagrangian
         return {"beta": self.beta, "loss_type": self.loss_type, "label_smoothing": self.label_smoothing,
-                "safety_margin": self.safety_margin, "beta_scaling": dict(self.beta_scaling), "rpo_alpha": self.rpo_alpha,
-                "lambda_lr": lag.lambda_lr, "lambda_max": lag.lambda_max, "threshold": lag.threshold,
-                "window": lag.costs.maxlen, "update_every": lag.update_every,
+                "safety_margin": self.safety_margin, "beta_scaling": dict(self.beta_scaling),
+                "rpo_alpha": self.rpo_alpha, "lambda_lr": lag.lambda_lr, "lambda_max": lag.lambda_max,
+                "threshold": lag.threshold, "window": lag.costs.maxlen, "update_every": lag.update_every,
                 "update_delay_steps": lag.update_delay_steps, "final_lambda": lag.value,
                 "reward_model": self.sources["reward"].path if "reward" in self.sources else None,
                 "cost_model": self.sources["cost"].path if "cost" in self.sources else None,
