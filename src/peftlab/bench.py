@@ -252,16 +252,14 @@ class PeakMemory:
             pass
 
     def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        from peftlab.loop import peak_memory_bytes
+
         status = Path("/proc/self/status")
-        if status.exists():
+        if self.device.type != "cuda" and status.exists():
             match = re.search(r"VmHWM:\s+(\d+) kB", status.read_text())
             if match:
                 return int(match.group(1)) / 1024
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_memory_bytes(self.device) / 2**20  # CUDA max allocated; else the process's ru_maxrss
 
 
 def flops_per_token(model_dir: Path, peft: str, seq_len: int) -> float:
@@ -325,21 +323,17 @@ class StepClock:
         if "train/loss" in metrics:  # the end-of-run evaluation logs too, without a loss
             self.steps.step_end()
 
-    def close(self) -> None:
-        pass
-
 
 def run_ours(cfg, rows: list[dict], device, log: StepLog) -> None:
     """Our real path: the objects train.run builds from `cfg`, then peftlab.loop.train, one StepLog entry per step."""
-    from accelerate import Accelerator
     from hydra.utils import instantiate
     from transformers import set_seed
 
-    from peftlab import loop
+    from peftlab import dist, loop
     from peftlab.models import Reference, build_policy, load_tokenizer, train_dtype
 
     bf16 = train_dtype(cfg, device) == torch.bfloat16
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+    accelerator = dist.make_accelerator(cfg, bf16)
     set_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model)
     algo = instantiate(cfg.algo, tokenizer=tokenizer, max_length=cfg.model.max_length, _convert_="all")
@@ -348,17 +342,11 @@ def run_ours(cfg, rows: list[dict], device, log: StepLog) -> None:
     reference = Reference(model, cfg.peft.method) if algo.needs_reference else None
     algo.setup(model, reference=reference, device=accelerator.device, train_examples=examples, eval_examples=[])
 
-    collate = algo.collate
-
-    def counting_collate(batch_examples):  # the loop's own token count: the batch's attention mask
-        batch = collate(batch_examples)
-        log.count(int(batch["attention_mask"].sum()))
-        return batch
-
-    algo.collate = counting_collate
+    handle = count_forward_tokens(model, log)  # the same count as TRL's runs get
     with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as run_dir:
         loop.train(cfg, model=model, tokenizer=tokenizer, algo=algo, train_examples=examples, eval_examples=[],
                    accelerator=accelerator, run_dir=Path(run_dir), runlog=StepClock(log))
+    handle.remove()
 
 
 # ---- TRL -----------------------------------------------------------------------------------------------------------

@@ -75,8 +75,9 @@ def deepspeed_config(cfg, bf16: bool) -> dict:
         "zero_force_ds_cpu_optimizer": False,  # ...even with optimizer offload (slower than CPUAdam, but no build)
         "steps_per_print": 10**9,  # the loop logs; DeepSpeed's own step prints are noise
     }
-    extra = OmegaConf.to_container(d.deepspeed, resolve=True) if d.get("deepspeed") else {}
-    return merge(config, extra)
+    if not d.get("deepspeed"):
+        return config
+    return OmegaConf.to_container(OmegaConf.merge(config, d.deepspeed), resolve=True)  # nested keys merge, not replace
 
 
 def gather_lists(values: list) -> list:
@@ -89,13 +90,6 @@ def gather_lists(values: list) -> list:
     parts = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, list(values))
     return [v for part in parts for v in part]
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def free_port() -> int:

@@ -38,8 +38,8 @@ STAGES: dict[str, list[tuple[str, list[str]]]] = {
         ("reward", ["algo=rm", "algo.objective=reward", "model.adapter={out}/sft/adapter"]),
         ("cost", ["algo=rm", "algo.objective=cost", "model.adapter={out}/sft/adapter"]),
         # The cost budget d is in the cost model's units: the toy cost model scores safe answers about -7 and
-        # unsafe ones about +3, so d = -6 asks for nearly every sampled answer to be safe (d = 0 tolerates ~60%
-        # unsafe answers and lets λ fall while the policy is still unsafe).
+        # unsafe ones about +7, so d = -6 asks for nearly every sampled answer to be safe (d = 0 tolerates half of
+        # them unsafe and lets λ fall while the policy is still unsafe: unsafe_rate 0.86 measured).
         ("safe_dpo", ["algo=safe_dpo", "model.adapter={out}/sft/adapter",
                       "algo.reward_model={out}/reward", "algo.cost_model={out}/cost", "algo.lagrangian.threshold=-6"]),
     ],

@@ -105,7 +105,7 @@ class PairMixin:
             yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def check_loss_options(beta: float, loss_type: str, label_smoothing: float) -> None:
+def check_loss_options(beta: float, loss_type: str, label_smoothing: float, rpo_alpha: float = 0.0) -> None:
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"algo.loss_type={loss_type}: choose one of {', '.join(LOSS_TYPES)}")
     if not beta > 0:
@@ -114,6 +114,8 @@ def check_loss_options(beta: float, loss_type: str, label_smoothing: float) -> N
         raise ConfigError(f"algo.label_smoothing={label_smoothing} must be in [0, 0.5)")
     if label_smoothing and loss_type != "sigmoid":
         raise ConfigError(f"algo.label_smoothing is only defined for algo.loss_type=sigmoid (got {loss_type})")
+    if not rpo_alpha >= 0:
+        raise ConfigError(f"algo.rpo_alpha={rpo_alpha} must be >= 0")
 
 
 class DPO(PairMixin, Algorithm):
@@ -124,9 +126,7 @@ class DPO(PairMixin, Algorithm):
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, precompute_ref: bool = False,
                  ref_batch_size: int = 32, packing: bool = False, rpo_alpha: float = 0.0):
         super().__init__(tokenizer, max_length, start_from)
-        check_loss_options(beta, loss_type, label_smoothing)
-        if not rpo_alpha >= 0:
-            raise ConfigError(f"algo.rpo_alpha={rpo_alpha} must be >= 0")
+        check_loss_options(beta, loss_type, label_smoothing, rpo_alpha)
         self.rpo_alpha = float(rpo_alpha)
         self.beta, self.loss_type, self.label_smoothing = float(beta), loss_type, float(label_smoothing)
         self.precompute_ref, self.ref_batch_size = bool(precompute_ref), int(ref_batch_size)

@@ -133,9 +133,7 @@ class SafeDPO(PairMixin, Algorithm):
                  share_base: bool = True, policy_base: dict | None = None, ref_batch_size: int = 32,
                  score_batch_size: int = 32, rpo_alpha: float = 0.0):
         super().__init__(tokenizer, max_length, start_from)
-        check_loss_options(beta, loss_type, label_smoothing)
-        if not rpo_alpha >= 0:
-            raise ConfigError(f"algo.rpo_alpha={rpo_alpha} must be >= 0")
+        check_loss_options(beta, loss_type, label_smoothing, rpo_alpha)
         self.rpo_alpha = float(rpo_alpha)
         if safety_margin and loss_type == "ipo":
             raise ConfigError("algo.safety_margin is not defined for algo.loss_type=ipo (use sigmoid or hinge)")
