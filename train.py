@@ -60,7 +60,7 @@ def main(cfg: DictConfig) -> float | None:
                list(hydra_cfg.overrides.task), group)
 
 
-def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], sweep_group: str | None = None):
+def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], group: str | None = None):
     """One run into run_dir; returns the summary figure named by `objective` (None if absent)."""
     started = time.time()
     from accelerate.utils import set_seed
@@ -95,7 +95,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], swe
     algo.setup(model, reference=reference, device=accelerator.device, train_examples=train_examples,
                eval_examples=eval_examples)
 
-    tracker = make_tracker(cfg, run_dir, choices, overrides, sweep_group, accelerator.is_main_process)
+    tracker = make_tracker(cfg, run_dir, choices, overrides, group, accelerator.is_main_process)
     runlog = RunLog(run_dir, tracker, checkpoint.step_of(resume_from) if resume_from else None,
                     enabled=accelerator.is_main_process)
     model, results = loop.train(cfg, model=model, tokenizer=tokenizer, algo=algo, train_examples=train_examples,

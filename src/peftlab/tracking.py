@@ -115,12 +115,12 @@ def sweep_group(sweep_dir) -> str:
     return f"{path.parent.name}_{path.name}" if path.parent.name else path.name
 
 
-def make_tracker(cfg, run_dir: Path, choices: dict, overrides: list[str], sweep_group: str | None, is_main: bool):
+def make_tracker(cfg, run_dir: Path, choices: dict, overrides: list[str], sweep: str | None, is_main: bool):
     if cfg.logger.backend != "wandb" or not is_main:
         return NullTracker()
     config = flatten(OmegaConf.to_container(cfg, resolve=True))
     config.update({k: choices.get(k) for k in ("model", "algo", "peft", "data")})
-    group = cfg.logger.group or sweep_group or f"{choices.get('model')}-{choices.get('algo')}-{choices.get('peft')}"
+    group = cfg.logger.group or sweep or f"{choices.get('model')}-{choices.get('algo')}-{choices.get('peft')}"
     tags = [str(choices.get(k)) for k in ("model", "algo", "peft")] + [str(t) for t in cfg.logger.tags]
     return WandbTracker(cfg.logger, run_dir, config, run_name(cfg, overrides), group, tags)
 
