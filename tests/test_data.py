@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import compose
 from peftlab.data import load_splits
 from peftlab.data.format import IGNORE, encode_prompt_completion, render_prompt
-from peftlab.data.load import DataError
+from peftlab.errors import DataError
 from peftlab.models import load_tokenizer
 
 ALPACA = [{"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 2 else "Show the sum.", "output": f"{2 * i + 1}"}
@@ -34,7 +34,7 @@ def write(path, rows):
 
 
 def data_cfg(path, **extra):
-    return OmegaConf.create({"path": str(path), "eval_path": None, "split": "train", "eval_split": None,
+    return OmegaConf.create({"path": str(path), "name": None, "eval_path": None, "split": "train", "eval_split": None,
                              "eval_size": 2, "schema": "auto", "max_rows": None, "system_prompt": None, **extra})
 
 

@@ -9,10 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from peftlab.adapters import PEFT_METHODS, resolve_targets
-
-
-class ConfigError(ValueError):
-    """A user mistake in the composed config; train.py prints it as one line and exits with status 2."""
+from peftlab.errors import ConfigError
 
 
 def check(condition: bool, message: str) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from peftlab.data.schemas import as_messages
+
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 
 
@@ -33,6 +35,11 @@ def render_completion(tokenizer, messages: list[dict], completion: str) -> str:
 
 def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """The token ids generation starts from: the prompt (text or messages) rendered with the chat template."""
+    return encode(tokenizer, render_prompt(tokenizer, as_messages(prompt)))
 
 
 def encode_prompt_completion(tokenizer, messages, completion: str, max_length: int) -> dict[str, list[int]]:
@@ -77,10 +84,9 @@ def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
     equals the padded batch's. The first label of each sequence is IGNORE: it would otherwise be predicted from the
     previous sequence's last token (a padded batch never predicts position 0 either).
 
-    Returns input_ids, labels, position_ids and attention_mask (all ones, for token counts: the model must not
-    receive it, a 2-D mask turns the packed detection off), each (1, T) with T = the batch's real tokens;
-    cu_seq_lens (S + 1,) int32 sequence start offsets then T, and max_length (the longest sequence), as
-    transformers' varlen attention kwargs expect them.
+    Returns input_ids, labels and position_ids, each (1, T) with T = the batch's real tokens (no attention mask:
+    a 2-D mask turns the packed detection off); cu_seq_lens (S + 1,) int32 sequence start offsets then T, and
+    max_length (the longest sequence), as transformers' varlen attention kwargs expect them.
     """
     lengths = [len(e["input_ids"]) for e in examples]
     starts = [0]
@@ -88,7 +94,6 @@ def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
         starts.append(starts[-1] + length)
     return {
         "input_ids": torch.tensor([[t for e in examples for t in e["input_ids"]]], dtype=torch.long),
-        "attention_mask": torch.ones(1, starts[-1], dtype=torch.long),
         "labels": torch.tensor([[IGNORE if p == 0 else t for e in examples for p, t in enumerate(e["labels"])]],
                                dtype=torch.long),
         "position_ids": torch.tensor([[p for n in lengths for p in range(n)]], dtype=torch.long),

@@ -6,20 +6,18 @@ import random
 from pathlib import Path
 
 from peftlab.data import schemas
+from peftlab.errors import DataError
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(ValueError):
-    """A user mistake in the data keys (missing file, unknown columns): reported in one line."""
 
 
 def is_local_file(path: str) -> bool:
     return Path(path).suffix in LOCAL_FORMATS or Path(path).exists()
 
 
-def load_table(path: str, split: str = "train"):
-    """A `datasets.Dataset` from a local file or a hub id."""
+def load_table(path: str, split: str, name: str | None = None):
+    """A `datasets.Dataset` from a local file or a hub id (`name`: the hub data set's configuration, e.g. gsm8k's
+    `main`; local files have none)."""
     import datasets
 
     datasets.logging.set_verbosity_error()
@@ -32,41 +30,49 @@ def load_table(path: str, split: str = "train"):
             raise DataError(f"data.path={path}: unsupported file type {file.suffix!r}; use {', '.join(LOCAL_FORMATS)}")
         return datasets.load_dataset(LOCAL_FORMATS[file.suffix], data_files=str(file), split="train")
     try:
-        return datasets.load_dataset(path, split=split)
+        return datasets.load_dataset(path, name, split=split)
     except Exception as err:  # the hub's errors are long; the user needs the id and the way out
         raise DataError(
-            f"could not load dataset {path!r} (split {split!r}) from the hub: {type(err).__name__}. "
+            f"could not load dataset {path!r} (config {name!r}, split {split!r}) from the hub: {type(err).__name__}. "
             "Without network, download it elsewhere and pass data.path=<local json/jsonl/parquet/csv file>"
         ) from err
 
 
 def to_rows(table, kind: str, schema: str, source: str) -> list[dict]:
+    """Every row of `table` in the canonical columns of `kind`; a bad row is a DataError naming its number."""
     try:
         name = schemas.detect(kind, list(table.column_names), schema)
-    except ValueError as err:
+    except DataError as err:
         raise DataError(f"{source}: {err}") from err
-    return [schemas.convert(kind, name, row) for row in table]
+    rows = []
+    for number, row in enumerate(table, 1):
+        try:
+            rows.append(schemas.convert(kind, name, row))
+        except (DataError, KeyError, TypeError, AttributeError) as err:  # converters index and iterate user data
+            raise DataError(f"{source}, row {number} ({name} schema): {err}") from err
+    return rows
 
 
 def load_splits(data_cfg, kind: str, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) in the canonical columns of `kind`."""
-    train = load_table(str(data_cfg.path), data_cfg.get("split", "train"))
-    train_rows = to_rows(train, kind, data_cfg.get("schema", "auto"), f"data.path={data_cfg.path}")
-    if data_cfg.get("eval_path"):
-        table = load_table(str(data_cfg.eval_path), data_cfg.get("eval_split") or "train")
-        eval_rows = to_rows(table, kind, data_cfg.get("schema", "auto"), f"data.eval_path={data_cfg.eval_path}")
-    elif data_cfg.get("eval_split"):
-        table = load_table(str(data_cfg.path), data_cfg.eval_split)
-        eval_rows = to_rows(table, kind, data_cfg.get("schema", "auto"), f"data.eval_split={data_cfg.eval_split}")
+    name = data_cfg.name
+    train = load_table(str(data_cfg.path), data_cfg.split, name)
+    train_rows = to_rows(train, kind, data_cfg.schema, f"data.path={data_cfg.path}")
+    if data_cfg.eval_path:
+        table = load_table(str(data_cfg.eval_path), data_cfg.eval_split or "train", name)
+        eval_rows = to_rows(table, kind, data_cfg.schema, f"data.eval_path={data_cfg.eval_path}")
+    elif data_cfg.eval_split:
+        table = load_table(str(data_cfg.path), data_cfg.eval_split, name)
+        eval_rows = to_rows(table, kind, data_cfg.schema, f"data.eval_split={data_cfg.eval_split}")
     else:  # carve a fixed held-out slice
         order = list(range(len(train_rows)))
         random.Random(seed).shuffle(order)
         held = set(order[: int(data_cfg.eval_size)])
         eval_rows = [r for i, r in enumerate(train_rows) if i in held]
         train_rows = [r for i, r in enumerate(train_rows) if i not in held]
-    if data_cfg.get("max_rows"):
+    if data_cfg.max_rows:
         train_rows = train_rows[: int(data_cfg.max_rows)]
-    system = data_cfg.get("system_prompt")
+    system = data_cfg.system_prompt
     if system:
         for row in train_rows + eval_rows:
             prompt = row.get("prompt")

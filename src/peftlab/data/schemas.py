@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from peftlab.errors import DataError
+
 
 def as_messages(prompt) -> list[dict]:
     """A prompt given as text or as a message list → a message list."""
@@ -38,7 +40,7 @@ def _alpaca(row):
 def _messages(row, column="messages"):
     messages = as_messages(row[column])
     if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError(f"a `{column}` row must end with an assistant message")
+        raise DataError(f"a `{column}` row must end with an assistant message")
     return {"prompt": messages[:-1], "completion": messages[-1]["content"]}
 
 
@@ -60,20 +62,13 @@ SAFETY_COLUMNS = ("prompt", "response_0", "response_1", "better_response_id", "s
                   "is_response_0_safe", "is_response_1_safe")
 
 
-def _data_error(message: str):
-    """A DataError (imported here: peftlab.data.load imports this module), so train.py reports it in one line."""
-    from peftlab.data.load import DataError
-
-    return DataError(message)
-
-
 def _split_conversation(messages, column: str) -> tuple[list[dict], str]:
     """A conversational answer column → (the turns before the answer, the answer's text)."""
     if isinstance(messages, str):
         return [], messages
     messages = as_messages(messages)
     if not messages or messages[-1]["role"] != "assistant":
-        raise _data_error(f"column `{column}`: a message list must end with an assistant message")
+        raise DataError(f"column `{column}`: a message list must end with an assistant message")
     return messages[:-1], messages[-1]["content"]
 
 
@@ -101,21 +96,21 @@ def _hh_rlhf(row):
     chosen, rejected = _hh_transcript(row["chosen"]), _hh_transcript(row["rejected"])
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if not turns or turns[-1]["role"] != "assistant":
-            raise _data_error(f"column `{name}`: an HH-RLHF transcript must end with an `\\n\\nAssistant:` turn")
+            raise DataError(f"column `{name}`: an HH-RLHF transcript must end with an `\\n\\nAssistant:` turn")
     return {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
 
 
 def _response_id(row, column: str) -> int:
     value = row.get(column)
     if isinstance(value, bool) or value not in (0, 1):  # True/False would pass `in (0, 1)`: ids must be numbers
-        raise _data_error(f"column `{column}` must be 0 or 1, got {value!r}")
+        raise DataError(f"column `{column}` must be 0 or 1, got {value!r}")
     return int(value)
 
 
 def _safe_label(row, column: str) -> bool:
     value = row.get(column)
     if not isinstance(value, bool) and value not in (0, 1):
-        raise _data_error(f"column `{column}` must be true or false, got {value!r} (missing safety label?)")
+        raise DataError(f"column `{column}` must be true or false, got {value!r} (missing safety label?)")
     return bool(value)
 
 
@@ -123,7 +118,7 @@ def _safety(row):
     """PKU-SafeRLHF rows, checked: ids in {0, 1}, safety labels present."""
     for column in ("response_0", "response_1"):
         if not isinstance(row.get(column), str):
-            raise _data_error(f"column `{column}` must be a string, got {row.get(column)!r}")
+            raise DataError(f"column `{column}` must be a string, got {row.get(column)!r}")
     return {
         "prompt": as_messages(row["prompt"]),
         "response_0": row["response_0"],
@@ -157,7 +152,7 @@ def gsm8k_final_answer(solution: str) -> str:
     """GSM8K's worked solution → its final number: the text after the last `####`, thousands commas removed."""
     match = _GSM8K_FINAL.search(str(solution))
     if match is None:
-        raise _data_error(f"column `answer`: a GSM8K answer must end with `#### <number>`, got ...{str(solution)[-40:]!r}")
+        raise DataError(f"column `answer`: a GSM8K answer must end with `#### <number>`, got ...{str(solution)[-40:]!r}")
     return match.group(1).replace(",", "").strip()
 
 
@@ -190,20 +185,20 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[str, ...], Callable[[dict], dict]]]] = 
 
 
 def detect(kind: str, columns: list[str], requested: str = "auto") -> str:
-    """Choose the schema for a dataset's columns, or raise ValueError with a message that names the columns."""
+    """Choose the schema for a dataset's columns, or raise DataError with a message that names the columns."""
     known = SCHEMAS[kind]
     if requested != "auto":
         if requested not in known:
-            raise ValueError(f"data.schema={requested} is not a {kind} schema; choose one of: auto, {', '.join(known)}")
+            raise DataError(f"data.schema={requested} is not a {kind} schema; choose one of: auto, {', '.join(known)}")
         missing = [c for c in known[requested][0] if c not in columns]
         if missing:
-            raise ValueError(f"data.schema={requested} needs column(s) {missing}, the data has {sorted(columns)}")
+            raise DataError(f"data.schema={requested} needs column(s) {missing}, the data has {sorted(columns)}")
         return requested
     for name, (required, _) in known.items():
         if all(c in columns for c in required):
             return name
     expected = "; ".join(f"{n}: {'+'.join(req)}" for n, (req, _) in known.items())
-    raise ValueError(
+    raise DataError(
         f"unknown dataset columns {sorted(columns)} for {kind} data (expected {expected}); "
         "rename the columns or set data.schema="
     )
