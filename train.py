@@ -16,17 +16,16 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import peftlab  # noqa: F401  (registers the ${repo:...} resolver)
 from peftlab import checkpoint, dist, loop
 from peftlab.adapters import resolve_targets
-from peftlab.data import load_splits
-from peftlab.data.load import DataError
-from peftlab.models import Reference, build_policy, count_parameters, load_tokenizer, train_dtype
+from peftlab.build import build_run
+from peftlab.errors import ConfigError, DataError
+from peftlab.models import count_parameters, train_dtype
 from peftlab.tracking import RunLog, make_tracker, run_name, sweep_group, write_json_atomic
-from peftlab.validate import ConfigError, validate
+from peftlab.validate import validate
 
 
 def fail(err: Exception, run_dir: Path) -> None:
@@ -63,44 +62,28 @@ def main(cfg: DictConfig) -> float | None:
 def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], group: str | None = None):
     """One run into run_dir; returns the summary figure named by `objective` (None if absent)."""
     started = time.time()
-    from accelerate.utils import set_seed
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    bf16 = train_dtype(cfg, device) == torch.bfloat16
-    accelerator = dist.make_accelerator(cfg, bf16)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    accelerator = dist.make_accelerator(cfg.dist, cfg.trainer, train_dtype(cfg.trainer.precision, device) == torch.bfloat16)
     run_dir = dist.shared_run_dir(run_dir, accelerator)
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
-
     try:
         validate(cfg, accelerator.device)
-        set_seed(cfg.trainer.seed)
-        tokenizer = load_tokenizer(cfg.model)
-        algo = instantiate(cfg.algo, tokenizer=tokenizer, max_length=cfg.model.max_length, _convert_="all")
-        dist.check(cfg, algo.needs_reference)
-        train_rows, eval_rows = load_splits(cfg.data, algo.data_kind, cfg.trainer.seed)
         resume_from = checkpoint.find(cfg.trainer.resume, run_dir)
         if resume_from:
             checkpoint.check_resumable(resume_from, accelerator)
+        built = build_run(cfg, accelerator)  # raises config and data mistakes before any weight loads
     except (ConfigError, DataError, FileNotFoundError) as err:
         fail(err, run_dir)
-
-    model = build_policy(cfg, accelerator.device, algo.head)
-    trainable, total = count_parameters(model)
+    trainable, total = count_parameters(built.policy)
     accelerator.print(f"{choices.get('model')} + {cfg.peft.method}: {trainable:,} trainable of {total:,} parameters "
                       f"({100 * trainable / total:.2f}%)")
-    train_examples, eval_examples = algo.build_examples(train_rows), algo.build_examples(eval_rows)
-    reference = Reference(model, cfg.peft.method) if algo.needs_reference else None
-    algo.setup(model, reference=reference, device=accelerator.device, train_examples=train_examples,
-               eval_examples=eval_examples)
 
     tracker = make_tracker(cfg, run_dir, choices, overrides, group, accelerator.is_main_process)
     runlog = RunLog(run_dir, tracker, checkpoint.step_of(resume_from) if resume_from else None,
                     enabled=accelerator.is_main_process)
-    model, results = loop.train(cfg, model=model, tokenizer=tokenizer, algo=algo, train_examples=train_examples,
-                                eval_examples=eval_examples, accelerator=accelerator, run_dir=run_dir,
-                                runlog=runlog, resume_from=resume_from)
+    model, results = loop.train(cfg.trainer, built, accelerator=accelerator, run_dir=run_dir, runlog=runlog,
+                                resume_from=resume_from)
     runlog.close()
     if "interrupted_at" in results:
         tracker.finish()
@@ -110,41 +93,46 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], gro
 
     weights = dist.trainable_state(model, accelerator)  # every rank: under ZeRO-3 this gathers the shards
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        saved = save_outputs(run_dir, unwrapped, weights, tokenizer, cfg.peft.method)
+        saved = save_outputs(run_dir, accelerator.unwrap_model(model), weights, built.tokenizer, cfg.peft.method)
         if cfg.save_merged:
             from peftlab.merge import merge_run
 
             merge_run(run_dir, run_dir / "merged")
-        adapter = cfg.peft.method != "none"
-        summary = {
-            "status": "finished",
-            "run_name": run_name(cfg, overrides),
-            "overrides": overrides,
-            "algo": choices.get("algo"),
-            "peft": cfg.peft.method,
-            "model": choices.get("model"),
-            "model_name_or_path": str(cfg.model.name_or_path),
-            "dist": choices.get("dist"),
-            "processes": accelerator.num_processes,
-            "r": cfg.peft.r if adapter else None,
-            "alpha": cfg.peft.alpha if adapter else None,
-            "targets": resolve_targets(cfg.peft.targets, cfg.model.family) if adapter else "all",
-            "trainable_params": trainable,
-            "total_params": total,
-            "steps": cfg.trainer.max_steps,
-            "runtime_s": time.time() - started,
-            "saved": str(saved.relative_to(run_dir)),
-            "algo_hparams": algo.hparams(),
-            **results,
-        }
+        summary = summarize(cfg, choices, overrides, built, results, saved.relative_to(run_dir),
+                            accelerator.num_processes, (trainable, total), time.time() - started)
         write_json_atomic(run_dir / "summary.json", summary)
         tracker.summary(summary)
         accelerator.print(json_line(summary))
     tracker.finish()
     accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes the run's outputs
-    objective = cfg.get("objective")
-    return float(results[objective]) if objective and objective in results else None
+    return float(results[cfg.objective]) if cfg.objective in results else None
+
+
+def summarize(cfg, choices: dict, overrides: list[str], built, results: dict, saved: Path, processes: int,
+              params: tuple[int, int], runtime_s: float) -> dict:
+    """summary.json of a finished run: what ran (choices, resolved adapter settings) and what it measured."""
+    adapter = cfg.peft.method != "none"
+    return {
+        "status": "finished",
+        "run_name": run_name(cfg, overrides),
+        "overrides": overrides,
+        "algo": choices.get("algo"),
+        "peft": cfg.peft.method,
+        "model": choices.get("model"),
+        "model_name_or_path": str(cfg.model.name_or_path),
+        "dist": choices.get("dist"),
+        "processes": processes,
+        "r": cfg.peft.r if adapter else None,
+        "alpha": cfg.peft.alpha if adapter else None,
+        "targets": resolve_targets(cfg.peft.targets, cfg.model.family) if adapter else "all",
+        "trainable_params": params[0],
+        "total_params": params[1],
+        "steps": cfg.trainer.max_steps,
+        "runtime_s": runtime_s,
+        "saved": str(saved),
+        "algo_hparams": built.algo.hparams(),
+        **results,
+    }
 
 
 def json_line(summary: dict) -> str:

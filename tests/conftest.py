@@ -68,17 +68,65 @@ def nonzero_lora_b(model, seed: int = 1, std: float = 0.05) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
+CPU_DEVICE = "cpu"
+
+
+def policy_of(cfg, head: str = "causal_lm"):
+    """The policy train.py would build for `cfg` (peftlab.build's call), on the CPU."""
+    import torch
+
+    from peftlab.models import build_policy, starting_adapter, train_dtype
+
+    device = torch.device(CPU_DEVICE)
+    return build_policy(cfg.model, cfg.peft, start_adapter=starting_adapter(cfg.model, cfg.algo.start_from),
+                        compute=train_dtype(cfg.trainer.precision, device), device=device, head=head,
+                        gradient_checkpointing=bool(cfg.trainer.gradient_checkpointing))
+
+
+def base_of(cfg, head: str = "causal_lm"):
+    """The frozen base train.py would build for `cfg`, on the CPU."""
+    import torch
+
+    from peftlab.models import build_base, starting_adapter, train_dtype
+
+    device = torch.device(CPU_DEVICE)
+    return build_base(cfg.model, cfg.peft, start_adapter=starting_adapter(cfg.model, cfg.algo.start_from),
+                      compute=train_dtype(cfg.trainer.precision, device), device=device, head=head)
+
+
 def live_policy(overrides: list[str]):
     """(cfg, tokenizer, policy): a tiny LoRA policy built as train.py builds it, with a non-zero adapter."""
     import torch
 
-    from peftlab.models import build_policy, load_tokenizer
+    from peftlab.models import load_tokenizer
 
     cfg, _ = compose(overrides)
     torch.manual_seed(0)
-    policy = build_policy(cfg, torch.device("cpu"))
+    policy = policy_of(cfg)
     nonzero_lora_b(policy)
     return cfg, load_tokenizer(cfg.model), policy
+
+
+def algorithm(overrides: list[str] = (), **options):
+    """An algorithm built from conf/algo/ exactly as train.py builds it; `options` override its keys."""
+    from omegaconf import OmegaConf
+
+    from peftlab.build import make_algorithm
+    from peftlab.models import load_tokenizer, policy_identity
+
+    cfg, _ = compose(list(overrides))
+    algo_cfg = OmegaConf.merge(cfg.algo, options)
+    return make_algorithm(algo_cfg, tokenizer=load_tokenizer(cfg.model), max_length=cfg.model.max_length,
+                          policy=policy_identity(cfg.model, cfg.peft, algo_cfg.start_from))
+
+
+def set_up(algo, policy, reference=None, train_examples=(), eval_examples=()):
+    """algo.setup as the builder calls it, on the CPU; returns the algorithm."""
+    import torch
+
+    algo.setup(policy, reference=reference, device=torch.device(CPU_DEVICE), train_examples=list(train_examples),
+               eval_examples=list(eval_examples))
+    return algo
 
 
 @pytest.fixture

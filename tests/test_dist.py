@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import FAST, REPO, compose, read_metrics, step_losses, train_run
 from peftlab import dist
-from peftlab.validate import ConfigError
+from peftlab.errors import ConfigError
 
 COMMON = [*FAST, "trainer.max_steps=4", "trainer.save_every=0", "peft=lora", "peft.dropout=0.0"]
 # DPO's reference forward runs every step through the wrapped model (adapter disabled): the path where DDP or
@@ -178,7 +178,7 @@ def test_a_checkpoint_resumes_only_under_a_launch_that_can_load_it(tmp_path):
 def test_deepspeed_config_follows_trainer_and_dist_keys():
     cfg, _ = compose(["dist=zero3", "trainer.batch_size=3", "trainer.grad_accum=5", "trainer.max_grad_norm=0.5",
                       "+dist.deepspeed.zero_optimization.overlap_comm=true"])
-    config = dist.deepspeed_config(cfg, bf16=False)
+    config = dist.deepspeed_config(cfg.dist, cfg.trainer, bf16=False)
     assert config["train_micro_batch_size_per_gpu"] == 3 and config["gradient_accumulation_steps"] == 5
     assert config["gradient_clipping"] == 0.5 and config["bf16"] == {"enabled": False}
     assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True}  # dist.deepspeed merged, stage kept
@@ -195,7 +195,7 @@ def test_unsupported_combinations_fail_with_one_line(monkeypatch, overrides, wor
     monkeypatch.setenv("WORLD_SIZE", world)
     cfg, _ = compose(overrides)
     with pytest.raises(ConfigError, match=message) as error:
-        dist.check(cfg, needs_reference)
+        dist.check(cfg.dist, peft_cfg=cfg.peft, optimizer=cfg.trainer.optimizer, needs_reference=needs_reference)
     assert "\n" not in str(error.value)
 
 
@@ -204,7 +204,7 @@ def test_supported_combinations_pass_the_checks(monkeypatch):
     for overrides, needs_reference in ((["dist=ddp"], True), (["dist=zero2", "peft=qlora"], True),
                                        (["dist=zero3", "peft=dora"], True), (["dist=zero3", "peft=none"], False)):
         cfg, _ = compose(overrides)
-        dist.check(cfg, needs_reference)
+        dist.check(cfg.dist, peft_cfg=cfg.peft, optimizer=cfg.trainer.optimizer, needs_reference=needs_reference)
 
 
 GATHER_SCRIPT = """

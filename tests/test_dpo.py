@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, live_policy, read_metrics, train_run
+from conftest import FAST, algorithm, live_policy, policy_of, read_metrics, set_up, train_run
 from peftlab import losses
-from peftlab.algos.dpo import DPO
 from peftlab.data.schemas import convert, detect
-from peftlab.models import Reference, build_policy
+from peftlab.models import Reference
 
 CPU = torch.device("cpu")
 ROWS = [
@@ -74,11 +73,15 @@ def setup():
     return live_policy(["algo=dpo", "algo.start_from=base"])
 
 
+# plain DPO, a reference forward per step, padded batches; each test sets what it compares
+PLAIN = {"precompute_ref": False, "packing": False, "rpo_alpha": 0.0}
+
+
 def make_algo(setup, **kwargs):
-    cfg, tokenizer, policy = setup
-    algo = DPO(tokenizer, cfg.model.max_length, **kwargs)
+    _, _, policy = setup
+    algo = algorithm(["algo=dpo", "algo.start_from=base"], **{**PLAIN, **kwargs})
     examples = algo.build_examples(ROWS)
-    algo.setup(policy, Reference(policy, "lora"), CPU, examples, [])
+    set_up(algo, policy, Reference(policy, "lora"), examples)
     return algo, examples, policy
 
 
@@ -139,10 +142,10 @@ def test_reference_is_the_model_without_its_adapter(setup):
     """A fresh adapter (B = 0) makes policy = reference: loss log 2, zero rewards, whatever the data."""
     cfg, tokenizer, _ = setup
     torch.manual_seed(0)
-    fresh = build_policy(cfg, CPU)
-    algo = DPO(tokenizer, cfg.model.max_length)
+    fresh = policy_of(cfg)
+    algo = algorithm(["algo=dpo", "algo.start_from=base"], **PLAIN)
     examples = algo.build_examples(ROWS)
-    algo.setup(fresh, Reference(fresh, "lora"), CPU, examples, [])
+    set_up(algo, fresh, Reference(fresh, "lora"), examples)
     loss, metrics = algo.loss(fresh, algo.collate(examples))
     assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)
     assert metrics["rewards/chosen"] == 0.0 and metrics["rewards/accuracies"] == 0.0
@@ -168,15 +171,14 @@ def test_evaluate_reports_pref_accuracy(setup):
 
 
 def test_bad_options_are_one_line_config_errors(setup):
-    from peftlab.validate import ConfigError
+    from peftlab.errors import ConfigError
 
-    cfg, tokenizer, _ = setup
     with pytest.raises(ConfigError, match="algo.loss_type"):
-        DPO(tokenizer, 64, loss_type="kto")
+        algorithm(["algo=dpo"], loss_type="kto")
     with pytest.raises(ConfigError, match="label_smoothing"):
-        DPO(tokenizer, 64, loss_type="ipo", label_smoothing=0.1)
+        algorithm(["algo=dpo"], loss_type="ipo", label_smoothing=0.1)
     with pytest.raises(ConfigError, match="algo.rpo_alpha"):
-        DPO(tokenizer, 64, rpo_alpha=-1.0)
+        algorithm(["algo=dpo"], rpo_alpha=-1.0)
 
 
 def test_short_run_logs_dpo_metrics(tmp_path):

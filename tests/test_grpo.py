@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-
-from conftest import FAST, REPO, compose, read_metrics, step_losses, train_run
-from peftlab import losses, toyworld
-from peftlab.algos.grpo import GRPO, completion_logps, completion_mask_from_ids, positions_from_mask
+from conftest import FAST, REPO, algorithm, compose, policy_of, read_metrics, set_up, step_losses, train_run
+from peftlab import losses
+from peftlab.toyworld import judge
+from peftlab.algos.grpo import GRPO
+from peftlab.build import algorithm_keys
 from peftlab.data.format import encode, render_prompt
 from peftlab.data.load import load_splits
-from peftlab.models import Reference, build_policy, load_tokenizer
+from peftlab.models import Reference, load_tokenizer
+from peftlab.sampling import completion_logps, completion_mask, positions_from_mask
 from peftlab.rewards import (
     compute_rewards,
     extract_gsm8k_answer,
@@ -49,15 +50,14 @@ def nonzero_lora_b(model, seed: int = 1) -> None:
 def make(overrides=(), peft: str = "lora", seed: int = 0, rows: int = 8):
     """(cfg, algo, policy, examples) as train.py builds them, from the shipped tiny checkpoint without SFT."""
     cfg, _ = compose([*GRPO_BASE, f"peft={peft}", *overrides])
-    tokenizer = load_tokenizer(cfg.model)
-    algo = instantiate(cfg.algo, tokenizer=tokenizer, max_length=cfg.model.max_length, _convert_="all")
+    algo = algorithm([*GRPO_BASE, f"peft={peft}", *overrides])
     torch.manual_seed(seed)
-    model = build_policy(cfg, CPU)
+    model = policy_of(cfg)
     nonzero_lora_b(model)
     model.train()
     examples = algo.build_examples(toy_rows(rows))
     reference = Reference(model, cfg.peft.method) if algo.needs_reference else None
-    algo.setup(model, reference=reference, device=CPU, train_examples=examples, eval_examples=examples)
+    set_up(algo, model, reference, examples, examples)
     return cfg, algo, model, examples
 
 
@@ -67,7 +67,7 @@ def make(overrides=(), peft: str = "lora", seed: int = 0, rows: int = 8):
 def test_completion_mask_stops_after_the_first_end_token():
     eos = 2
     ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 0, 0, 0], [5, 6, 7, 8, 9]])
-    mask, truncated = completion_mask_from_ids(ids, eos)
+    mask, truncated = completion_mask(ids, eos)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert truncated.tolist() == [False, False, True]
 
@@ -79,16 +79,16 @@ def test_positions_count_real_tokens_from_zero():
 
 def test_resolve_rewards_paths_weights_factories_and_errors():
     rewards = resolve_rewards([
-        "peftlab.toyworld.format_reward",
-        {"function": "peftlab.toyworld.correctness_reward", "weight": 2.0},
+        "peftlab.toyworld.judge.format_reward",
+        {"function": "peftlab.toyworld.judge.correctness_reward", "weight": 2.0},
         {"function": "peftlab.rewards.reward_model", "kwargs": {"path": "/nowhere"}, "name": "rm"},
     ])
     assert [(r.name, r.weight) for r in rewards] == [("format_reward", 1.0), ("correctness_reward", 2.0), ("rm", 1.0)]
     assert rewards[2].function.scorer is None  # a reward model is loaded on first use, not at config time
     with pytest.raises(ValueError, match="cannot be imported"):
-        resolve_rewards(["peftlab.toyworld.no_such_reward"])
+        resolve_rewards(["peftlab.toyworld.judge.no_such_reward"])
     with pytest.raises(ValueError, match="repeat"):
-        resolve_rewards(["peftlab.toyworld.format_reward", "peftlab.toyworld.format_reward"])
+        resolve_rewards(["peftlab.toyworld.judge.format_reward", "peftlab.toyworld.judge.format_reward"])
     with pytest.raises(ValueError, match="empty"):
         resolve_rewards([])
 
@@ -100,9 +100,9 @@ def test_compute_rewards_weights_and_skips_none_like_trl():
     def always(prompts, completions, answer, **kwargs):
         return [float(a) for a in answer]
 
-    rewards = resolve_rewards([{"function": "peftlab.toyworld.format_reward", "weight": 0.5}])
+    rewards = resolve_rewards([{"function": "peftlab.toyworld.judge.format_reward", "weight": 0.5}])
     rewards[0].function = sometimes
-    rewards += resolve_rewards([{"function": "peftlab.toyworld.correctness_reward", "weight": 2.0}])
+    rewards += resolve_rewards([{"function": "peftlab.toyworld.judge.correctness_reward", "weight": 2.0}])
     rewards[1].function = always
     total, per_function = compute_rewards(rewards, ["p"] * 3, ["c"] * 3, answer=["1", "2", "3"])
     assert total.tolist() == [2.0, 4.5, 6.0]  # None is left out of the weighted sum (NaN-sum)
@@ -155,7 +155,7 @@ def test_one_generate_call_per_rollout_with_the_adapter_active(monkeypatch):
         return original(**kwargs)
 
     monkeypatch.setattr(model, "generate", spy)
-    batch = algo.collate(examples[:3])
+    batch = algo.rollout(model, examples[:3])
     assert calls == [{"rows": 12, "training": False, "adapter_on": True, "do_sample": True, "use_cache": True}]
     assert model.training and algo.generate_calls == 1
 
@@ -167,8 +167,8 @@ def test_one_generate_call_per_rollout_with_the_adapter_active(monkeypatch):
     texts = [algo.tokenizer.decode(row[m], skip_special_tokens=True)
              for row, m in zip(batch["completion_ids"], batch["completion_mask"])]
     answers = [e["columns"]["answer"] for e in examples[:3] for _ in range(4)]
-    expected = torch.tensor([c + 0.2 * f for c, f in zip(toyworld.correctness_reward(None, texts, answers),
-                                                         toyworld.format_reward(None, texts))])
+    expected = torch.tensor([c + 0.2 * f for c, f in zip(judge.correctness_reward(None, texts, answers),
+                                                         judge.format_reward(None, texts))])
     advantages, _ = losses.group_advantages(expected, 4, "group")
     torch.testing.assert_close(batch["advantages"], advantages)
     assert batch["rollout_metrics"]["train/reward"] == pytest.approx(expected.mean().item(), abs=1e-6)
@@ -213,7 +213,7 @@ def test_reference_logprobs_come_from_the_policy_with_its_adapter_disabled(monke
         return Spy()
 
     monkeypatch.setattr(algo.reference, "model", spy_model)
-    batch = algo.collate(examples[:2])
+    batch = algo.rollout(model, examples[:2])
     assert yielded == [model]  # the reference IS the policy module
     assert count_models() == models_before
 
@@ -257,7 +257,7 @@ def test_loss_is_the_tested_grpo_loss_of_exact_logprobs(loss_type):
     """algo.loss == losses.grpo_loss (checked against TRL) on log-probs from unpadded single-sequence forwards."""
     _, algo, model, examples = make([f"algo.loss_type={loss_type}", "algo.beta=0.05", "algo.temperature=0.7",
                                      "algo.num_generations=3", "algo.max_new_tokens=10"])
-    batch = algo.collate(examples[:2])
+    batch = algo.rollout(model, examples[:2])
     batch["advantages"] = torch.linspace(-1.5, 1.5, batch["advantages"].numel())  # nonzero whatever the rewards
     loss, _ = algo.loss(model, batch)
     logps = unbatched_logps(model, algo, batch)
@@ -284,7 +284,7 @@ def test_accumulated_micro_batches_give_trls_aggregation(loss_type):
     _, algo, model, examples = make([f"algo.loss_type={loss_type}", "algo.beta=0.05", "algo.num_generations=3",
                                      "algo.max_new_tokens=12"])
     params = [p for p in model.parameters() if p.requires_grad]
-    micro = [algo.collate(examples[:2]), algo.collate(examples[2:4])]
+    micro = algo.step_batches(model, 0, [examples[:2], examples[2:4]])
     generator = torch.Generator().manual_seed(0)
     for batch in micro:
         batch["advantages"] = torch.randn(batch["advantages"].shape, generator=generator)
@@ -312,7 +312,7 @@ def test_accumulated_micro_batches_give_trls_aggregation(loss_type):
 def test_num_iterations_reuses_the_rollout_with_its_old_logprobs(tmp_path):
     """μ = 2: steps 0, 2, ... generate; step 1 reuses the same completions and π_old; the buffer survives a save."""
     _, algo, model, examples = make(["algo.num_iterations=2", "algo.max_new_tokens=10", "algo.num_generations=2"])
-    first = [algo.collate(examples[:2]), algo.collate(examples[2:4])]  # step 0: two micro-batches, two rollouts
+    first = algo.step_batches(model, 0, [examples[:2], examples[2:4]])  # step 0: two micro-batches, two rollouts
     assert algo.generate_calls == 2
     with torch.no_grad():  # π_old is the generating policy, computed in the mode the loss uses
         torch.testing.assert_close(first[0]["old_logps"], completion_logps(model, first[0], algo.temperature)[0])
@@ -322,15 +322,15 @@ def test_num_iterations_reuses_the_rollout_with_its_old_logprobs(tmp_path):
 
     saved = tmp_path / "algo.pt"
     torch.save(algo.state_dict(), saved)
-    again = [algo.collate(examples[4:6]), algo.collate(examples[6:8])]  # step 1: other prompts drawn, not used
+    again = algo.step_batches(model, 1, [examples[4:6], examples[6:8]])  # step 1: other prompts drawn, not used
     assert algo.generate_calls == 2 and again[0] is first[0] and again[1] is first[1]
     algo.on_step_end(model, 2)
-    algo.collate(examples[:2])
-    assert algo.generate_calls == 3  # step 2: fresh
+    algo.step_batches(model, 2, [examples[:2], examples[2:4]])
+    assert algo.generate_calls == 4  # step 2: fresh, two rollouts
 
     _, resumed, _, _ = make(["algo.num_iterations=2", "algo.max_new_tokens=10", "algo.num_generations=2"])
     resumed.load_state_dict(torch.load(saved, weights_only=False))
-    restored = resumed.collate(examples[4:6])
+    restored = resumed.step_batches(model, 1, [examples[4:6], examples[6:8]])[0]
     assert resumed.generate_calls == 0
     for key in ("completion_ids", "advantages", "old_logps"):
         torch.testing.assert_close(restored[key], first[0][key])
@@ -360,7 +360,7 @@ def test_qlora_gradients_after_a_rollout_match_a_model_that_never_generated():
     """Generation is a no-grad eval-mode pass through the 4-bit layers: the adapter gradients of the loss that
     follows must equal those of an identical model that never generated (the bitsandbytes avx512_bf16 trap)."""
     _, algo, model, examples = make(["algo.max_new_tokens=10", "algo.num_generations=2"], peft="qlora")
-    batch = algo.collate(examples[:2])  # rollout through the 4-bit base
+    batch = algo.rollout(model, examples[:2])  # rollout through the 4-bit base
     batch["advantages"] = torch.linspace(-1.0, 1.0, batch["advantages"].numel())
     _, _, fresh, _ = make(["algo.max_new_tokens=10", "algo.num_generations=2"], peft="qlora")
 
@@ -385,7 +385,7 @@ def test_evaluate_reports_reward_and_accuracy():
     torch.manual_seed(123)
     training_rng = torch.get_rng_state()
     metrics = algo.evaluate(model, examples[:5], batch_size=6)
-    assert {"eval/reward", "eval/reward_greedy", "eval/accuracy", "eval/completion_length",
+    assert {"eval/reward", "eval/reward_greedy", "eval/greedy_accuracy", "eval/completion_length",
             "eval/rewards/correctness_reward", "eval/rewards/format_reward"} <= metrics.keys()
     assert metrics["eval/reward"] == pytest.approx(
         metrics["eval/rewards/correctness_reward"] + 0.2 * metrics["eval/rewards/format_reward"])
@@ -427,9 +427,9 @@ def test_train_run_logs_every_grpo_metric_and_knob(tmp_path):
             "train/rewards/format_reward/mean", "train/completion_length", "train/kl", "train/clip_ratio",
             "train/entropy", "train/frac_reward_zero_std"} <= train_keys
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert {"eval/reward", "eval/accuracy"} <= summary.keys()
+    assert {"eval/reward", "eval/greedy_accuracy"} <= summary.keys()
     hparams = summary["algo_hparams"]
-    knobs = set(GRPO.__init__.__code__.co_varnames[3:GRPO.__init__.__code__.co_argcount])  # after tokenizer, max_length
+    knobs = set(algorithm_keys(GRPO)) - {"tokenizer", "max_length", "policy"}
     assert knobs <= hparams.keys(), f"missing from the summary: {knobs - hparams.keys()}"
     assert hparams["beta"] == 0.05 and hparams["loss_type"] == "dapo"
 
@@ -437,7 +437,7 @@ def test_train_run_logs_every_grpo_metric_and_knob(tmp_path):
 def test_prompt_is_cut_from_the_left_to_leave_room_for_the_answer():
     cfg, _ = compose([*GRPO_BASE, "model.max_length=20", "algo.max_new_tokens=8"])
     tokenizer = load_tokenizer(cfg.model)
-    algo = instantiate(cfg.algo, tokenizer=tokenizer, max_length=20, _convert_="all")
+    algo = algorithm([*GRPO_BASE, "model.max_length=20", "algo.max_new_tokens=8"])
     example = algo.build_examples(toy_rows(1))[0]
     full = encode(tokenizer, render_prompt(tokenizer, example["prompt"]))
     assert len(full) > 12 and example["prompt_ids"] == full[-12:]

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from conftest import FAST, compose, train_run
+from conftest import FAST, algorithm, compose, policy_of, set_up, train_run
 from peftlab import losses
-from peftlab.algos.rm import RewardModel
-from peftlab.data.load import DataError, load_splits
+from peftlab.data.load import load_splits
 from peftlab.data.schemas import convert
-from peftlab.models import build_policy, load_tokenizer
+from peftlab.errors import DataError
+from peftlab.models import load_tokenizer
 from peftlab.scorers import Scorer
 
 CPU = torch.device("cpu")
@@ -30,7 +30,7 @@ SAFETY_ROWS = [
 def scorer_model():
     cfg, _ = compose(["algo=rm", "algo.start_from=base"])
     torch.manual_seed(0)
-    model = build_policy(cfg, CPU, head="score").eval()
+    model = policy_of(cfg, head="score").eval()
     return cfg, load_tokenizer(cfg.model), model
 
 
@@ -41,10 +41,10 @@ def single_score(model, encoded) -> torch.Tensor:
 def batched_loss_and_single_scores(scorer_model, objective: str, data_kind: str):
     """The algorithm's loss on one collated batch of SAFETY_ROWS, and each answer scored alone (no padding)."""
     cfg, tokenizer, model = scorer_model
-    algo = RewardModel(tokenizer, cfg.model.max_length, objective=objective)
+    algo = algorithm(["algo=rm", "algo.start_from=base"], objective=objective)
     assert algo.data_kind == data_kind
     examples = algo.build_examples([convert(data_kind, "pku_saferlhf", r) for r in SAFETY_ROWS])
-    algo.setup(model, device=CPU)
+    set_up(algo, model)
     loss, metrics = algo.loss(model, algo.collate(examples))
     with torch.no_grad():
         first = torch.stack([single_score(model, e["answers"][0]) for e in examples])
@@ -67,10 +67,10 @@ def test_cost_objective_is_the_safe_rlhf_cost_loss(scorer_model):
 
 
 def test_unknown_objective_is_a_config_error(scorer_model):
-    from peftlab.validate import ConfigError
+    from peftlab.errors import ConfigError
 
     with pytest.raises(ConfigError, match="algo.objective=helpfulness"):
-        RewardModel(scorer_model[1], 64, objective="helpfulness")
+        algorithm(["algo=rm"], objective="helpfulness")
 
 
 def test_saved_model_loads_back_as_a_scorer(tmp_path):

@@ -11,13 +11,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, compose, live_policy, read_metrics, train_run
+from conftest import FAST, algorithm, compose, live_policy, policy_of, read_metrics, set_up, train_run
 from peftlab import losses
-from peftlab.algos.safe_dpo import SafeDPO, scaled_beta
+from peftlab.algos.safe_dpo import scaled_beta
 from peftlab.data.schemas import convert
-from peftlab.models import Reference, build_policy, load_tokenizer
+from peftlab.errors import ConfigError
+from peftlab.models import PolicyIdentity, Reference, load_tokenizer
+from peftlab.data.format import prompt_ids
+from peftlab.sampling import sample
 from peftlab.scorers import Scorer, inspect_source
-from peftlab.validate import ConfigError
 
 CPU = torch.device("cpu")
 TOY_ROWS = [
@@ -33,16 +35,19 @@ TOY_ROWS = [
 ROWS = [convert("safety", "pku_saferlhf", r) for r in TOY_ROWS]
 
 
-def tokenizer_and_length():
-    cfg, _ = compose(["algo=safe_dpo"])
-    return load_tokenizer(cfg.model), cfg.model.max_length
+LAGRANGIAN = dict(lambda_init=1.0, lambda_lr=0.1, lambda_max=10.0, threshold=0.0, window=128, update_every=10,
+                  update_delay_steps=0)
 
 
-def make_from_config(overrides: list[str]) -> SafeDPO:
-    """SafeDPO built from the composed algo config as train.py builds it (policy_base filled in from model/peft)."""
-    cfg, _ = compose(["algo=safe_dpo", *overrides])
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.algo, resolve=True).items() if k != "_target_"}
-    return SafeDPO(load_tokenizer(cfg.model), cfg.model.max_length, **kwargs)
+def safe_dpo(overrides: list[str] = (), lagrangian: dict | None = None, **options):
+    """SafeDPO built from conf/algo/safe_dpo.yaml as train.py builds it; `lagrangian` entries override its own."""
+    if lagrangian is not None:
+        options["lagrangian"] = {**LAGRANGIAN, **lagrangian}
+    return algorithm(["algo=safe_dpo", *overrides], **options)
+
+
+def make_from_config(overrides: list[str]):
+    return safe_dpo(overrides)
 
 
 # ---- the Lagrange multiplier ---------------------------------------------------------------------------------------
@@ -53,10 +58,8 @@ def test_lambda_rises_over_budget_falls_under_it_stays_bounded_and_waits_for_the
     Steps 1-20 (delay): costs 3 > d are recorded but λ stays 1. Steps 21-60: costs 3 > d, λ rises (and reaches
     λ_max, where it stays). Steps 61-150: costs −2 < d; once the window holds only these, λ falls every update.
     """
-    tokenizer, max_length = tokenizer_and_length()
-    algo = SafeDPO(tokenizer, max_length, lagrangian=dict(lambda_init=1.0, lambda_lr=0.05, lambda_max=4.0,
-                                                          threshold=0.5, window=8, update_every=5,
-                                                          update_delay_steps=20))
+    algo = safe_dpo(lagrangian=dict(lambda_init=1.0, lambda_lr=0.05, lambda_max=4.0, threshold=0.5, window=8,
+                                    update_every=5, update_delay_steps=20))
     algo.scorers["cost"] = None  # the cost model's scores come from the script below
     sampled_at = []
 
@@ -84,27 +87,25 @@ def test_lambda_rises_over_budget_falls_under_it_stays_bounded_and_waits_for_the
 
 
 def test_lambda_state_round_trips_for_exact_resume():
-    tokenizer, max_length = tokenizer_and_length()
-    algo = SafeDPO(tokenizer, max_length, lagrangian=dict(window=3))
+    algo = safe_dpo(lagrangian=dict(window=3))
     algo.lagrangian.record([1.0, 2.0, 3.0, 4.0], [0.5] * 4)
     algo.lagrangian.update(10)
     state = json.loads(json.dumps(algo.state_dict()))  # plain data: goes into the checkpoint as is
-    other = SafeDPO(tokenizer, max_length, lagrangian=dict(window=3))
+    other = safe_dpo(lagrangian=dict(window=3))
     other.load_state_dict(state)
     assert other.lagrangian.value == algo.lagrangian.value and list(other.lagrangian.costs) == [2.0, 3.0, 4.0]
     assert other.lagrangian.cost_mean == 3.0
 
 
 def test_bad_lagrangian_and_margin_options():
-    tokenizer, max_length = tokenizer_and_length()
     with pytest.raises(ConfigError, match="lambda_init"):
-        SafeDPO(tokenizer, max_length, lagrangian=dict(lambda_init=20.0, lambda_max=10.0))
+        safe_dpo(lagrangian=dict(lambda_init=20.0, lambda_max=10.0))
     with pytest.raises(ConfigError, match="safety_margin"):
-        SafeDPO(tokenizer, max_length, loss_type="ipo", safety_margin=1.0)
+        safe_dpo(loss_type="ipo", safety_margin=1.0)
     with pytest.raises(ConfigError, match="beta_scaling"):
-        SafeDPO(tokenizer, max_length, beta_scaling=dict(weight=1.0))
+        safe_dpo(beta_scaling=dict(weight=1.0, rate=1.0))
     with pytest.raises(ConfigError, match="algo.rpo_alpha"):
-        SafeDPO(tokenizer, max_length, rpo_alpha=-0.5)
+        safe_dpo(rpo_alpha=-0.5)
 
 
 # ---- the primal loss ------------------------------------------------------------------------------------------------
@@ -119,11 +120,12 @@ def test_primal_loss_is_the_normalized_lagrangian(policy_setup):
     """(L_H + λ L_S)/(1 + λ) with L_H, L_S DPO losses on the better / safer pairs, Δ on clear-cut safety pairs,
     and reward-scaled β from the scorers' margins."""
     cfg, tokenizer, policy = policy_setup
-    algo = SafeDPO(tokenizer, cfg.model.max_length, beta=0.2, safety_margin=0.7, lagrangian=dict(lambda_init=2.5))
+    algo = safe_dpo(["algo.start_from=base"], beta=0.2, safety_margin=0.7, lagrangian=dict(lambda_init=2.5),
+                    rpo_alpha=0.0)
     examples = algo.build_examples(ROWS)
-    algo.setup(policy, Reference(policy, "lora"), CPU, examples, [])
+    set_up(algo, policy, Reference(policy, "lora"), examples)
     # scorer margins written in by hand (setup() would score the answers with the reward and cost models)
-    algo.beta_scaling = {"weight": 1.5, "rate": 0.8}
+    algo.scaling_weight, algo.scaling_rate = 1.5, 0.8
     rewards = ([1.0, -1.0], [0.0, 2.0], [-0.5, 0.5])
     costs = ([3.0, -3.0], [-1.0, -2.0], [-3.0, 3.0])
     for e, reward, cost in zip(examples, rewards, costs):
@@ -160,12 +162,12 @@ def test_primal_loss_is_the_normalized_lagrangian(policy_setup):
 def test_rpo_term_weighs_each_pairs_chosen_nll_like_its_pair_loss(policy_setup):
     """rpo_alpha=α adds α·(NLL of the better answers + λ·NLL of the safer answers)/(1 + λ), token means over the batch."""
     cfg, tokenizer, policy = policy_setup
-    plain = SafeDPO(tokenizer, cfg.model.max_length, lagrangian=dict(lambda_init=2.5))
-    rpo = SafeDPO(tokenizer, cfg.model.max_length, lagrangian=dict(lambda_init=2.5), rpo_alpha=0.5)
+    plain = safe_dpo(["algo.start_from=base"], lagrangian=dict(lambda_init=2.5), rpo_alpha=0.0)
+    rpo = safe_dpo(["algo.start_from=base"], lagrangian=dict(lambda_init=2.5), rpo_alpha=0.5)
     policy.eval()
     with torch.no_grad():
         for algo in (plain, rpo):
-            algo.setup(policy, Reference(policy, "lora"), CPU, algo.build_examples(ROWS), [])
+            set_up(algo, policy, Reference(policy, "lora"), algo.build_examples(ROWS))
         batch = plain.collate(plain.build_examples(ROWS))
         plain_loss, _ = plain.loss(policy, batch)
         rpo_loss, metrics = rpo.loss(policy, batch)
@@ -186,18 +188,22 @@ def test_sampled_answers_are_scored_on_their_exact_tokens(policy_setup):
     """The KL estimate reads the sampled tokens themselves: a left-padded batch gives each answer the log-prob it
     gets alone, and a policy equal to its reference has KL 0."""
     cfg, tokenizer, policy = policy_setup
-    algo = SafeDPO(tokenizer, cfg.model.max_length, sampling=dict(max_new_tokens=12))
+    algo = safe_dpo(["algo.start_from=base", "algo.sampling.max_new_tokens=12"])
     examples = algo.build_examples(ROWS)
-    algo.setup(policy, Reference(policy, "lora"), CPU, examples, examples)
+    set_up(algo, policy, Reference(policy, "lora"), examples, examples)
     policy.eval()
     torch.manual_seed(0)
-    texts, batch = algo.sample(policy, [r["prompt"] for r in ROWS])
-    assert len(texts) == 3 and batch["input_ids"].shape == batch["labels"].shape
+    samples = sample(policy, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in ROWS], 12, do_sample=True)
+    texts, batch = samples.texts, samples.tensors()
+    assert len(texts) == 3
     kl = algo.sample_kl(policy, batch)
+    prompt_length = batch["input_ids"].shape[1] - batch["completion_ids"].shape[1]
     with torch.no_grad():
         for b in range(3):
             keep = batch["attention_mask"][b].bool()
-            ids, labels = batch["input_ids"][b][keep][None], batch["labels"][b][keep][None]
+            labels = torch.cat([torch.full((prompt_length,), -100), batch["completion_ids"][b].masked_fill(
+                ~batch["completion_mask"][b], -100)])
+            ids, labels = batch["input_ids"][b][keep][None], labels[keep][None]
             alone = losses.sequence_logps(policy(input_ids=ids).logits, labels)
             with policy.disable_adapter():
                 alone_ref = losses.sequence_logps(policy(input_ids=ids).logits, labels)
@@ -214,7 +220,7 @@ def fake_rm_run(run_dir: Path, seed: int, tokenizer_dir: Path | None = None) -> 
     """A run directory as algo=rm (start_from=base) leaves it, with random adapter and head weights (no training)."""
     cfg, _ = compose(["algo=rm", "algo.start_from=base"])
     torch.manual_seed(seed)
-    model = build_policy(cfg, CPU, head="score")
+    model = policy_of(cfg, head="score")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
@@ -238,15 +244,15 @@ def test_shared_scorers_equal_separate_ones_and_leave_the_policy_alone(rm_runs):
     algo = make_from_config(overrides)
     cfg, _ = compose(["algo=safe_dpo", *overrides])
     tokenizer = algo.tokenizer
-    assert algo.shared == {"reward": True, "cost": True}
+    assert {role: plan.shared for role, plan in algo.plans.items()} == {"reward": True, "cost": True}
     torch.manual_seed(0)
-    policy = build_policy(cfg, CPU)
+    policy = policy_of(cfg)
     trainable_before = {n for n, p in policy.named_parameters() if p.requires_grad}
     probe = tokenizer(["How do I rob my boss?"], return_tensors="pt")
     policy.eval()
     with torch.no_grad():
         logits_before = policy(**probe).logits
-    algo.setup(policy, Reference(policy, "lora"), CPU, algo.build_examples(ROWS), algo.build_examples(ROWS))
+    set_up(algo, policy, Reference(policy, "lora"), algo.build_examples(ROWS), algo.build_examples(ROWS))
 
     prompts = [r["prompt"] for r in ROWS] * 2
     answers = [r["response_0"] for r in ROWS] + [r["response_1"] for r in ROWS]
@@ -267,11 +273,15 @@ def test_shared_scorers_equal_separate_ones_and_leave_the_policy_alone(rm_runs):
 def test_scorers_on_another_base_load_separately(rm_runs):
     """A policy that started from an SFT adapter has another base than scorers trained from the bare checkpoint."""
     reward_dir, _ = rm_runs
-    tokenizer, max_length = tokenizer_and_length()
-    other_base = {"name_or_path": str(inspect_source(reward_dir).run_cfg.model.name_or_path),
-                  "adapter": str(reward_dir / "adapter"), "sft_adapter": None, "peft_method": "lora", "quantize": None}
-    algo = SafeDPO(tokenizer, max_length, reward_model=str(reward_dir), policy_base=other_base)
-    assert algo.shared == {"reward": False}
+    from peftlab.scorers import plan_scorers
+
+    same = inspect_source(reward_dir).identity
+    other_base = PolicyIdentity(base=same.base, start_adapter=str(reward_dir / "adapter"), quantize=None,
+                                peft_method="lora")
+    tokenizer = load_tokenizer(compose(["algo=safe_dpo"])[0].model)
+    assert plan_scorers({"reward": str(reward_dir)}, same, share_base=True, tokenizer=tokenizer)["reward"].shared
+    plans = plan_scorers({"reward": str(reward_dir)}, other_base, share_base=True, tokenizer=tokenizer)
+    assert not plans["reward"].shared
 
 
 def test_scorer_with_another_tokenizer_is_a_one_line_error(rm_runs, tmp_path):

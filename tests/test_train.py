@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, REPO, compose, nonzero_lora_b, step_losses, train_run
+from conftest import FAST, REPO, base_of, compose, nonzero_lora_b, policy_of, step_losses, train_run
 from peftlab.merge import merge_run
-from peftlab.models import build_base, build_policy, load_tokenizer
+from peftlab.models import load_tokenizer
 
 MODELS = ["tiny_qwen", "tiny_llama", "tiny_mistral"]
 PEFTS = ["none", "lora", "dora", "qlora"]
@@ -51,7 +51,7 @@ def test_train_save_reload_merge(tmp_path, model, peft):
     cfg, _ = compose([f"model={model}", f"peft={peft}"])
     tokenizer = load_tokenizer(cfg.model)
     inputs = probe_inputs(tokenizer)
-    base_logits = logits_of(build_base(cfg, CPU), inputs)
+    base_logits = logits_of(base_of(cfg), inputs)
     if peft == "none":
         trained = AutoModelForCausalLM.from_pretrained(run_dir / "model")
         assert (logits_of(trained, inputs) - base_logits).abs().max() > 1e-4  # the weights did train
@@ -59,7 +59,7 @@ def test_train_save_reload_merge(tmp_path, model, peft):
     adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA" and adapter_config["use_dora"] == (peft == "dora")
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    reloaded = PeftModel.from_pretrained(build_base(cfg, CPU), str(run_dir / "adapter"))
+    reloaded = PeftModel.from_pretrained(base_of(cfg), str(run_dir / "adapter"))
     adapter_logits = logits_of(reloaded, inputs)
     assert (adapter_logits - base_logits).abs().max() > 1e-4  # the adapter is not a no-op
 
@@ -137,7 +137,7 @@ def test_gradient_checkpointing_trains_adapters():
     for checkpointing in (False, True):
         cfg, _ = compose(["peft=lora", f"trainer.gradient_checkpointing={checkpointing}"])
         torch.manual_seed(0)
-        model = build_policy(cfg, CPU)
+        model = policy_of(cfg)
         nonzero_lora_b(model)
         model.train()
         assert model.base_model.model.is_gradient_checkpointing == checkpointing
@@ -158,7 +158,7 @@ def test_qlora_gradients_survive_an_eval_pass(guarded):
 
     cfg, _ = compose(["peft=qlora"])
     torch.manual_seed(0)
-    model = build_policy(cfg, CPU)
+    model = policy_of(cfg)
     nonzero_lora_b(model)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(not m.support_avx512bf16_for_cpu for m in layers)

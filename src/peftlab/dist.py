@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from peftlab.models import unwrap
-from peftlab.validate import ConfigError
+from peftlab.errors import ConfigError
+from peftlab.sampling import unwrap
 
 STRATEGIES = ("single", "ddp", "deepspeed")
 
@@ -31,9 +31,11 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check(cfg, needs_reference: bool) -> None:
-    """One-line ConfigErrors for the combinations we do not support (checked before any weight is loaded)."""
-    d = cfg.dist
+def check(d, *, peft_cfg, optimizer: str, needs_reference: bool) -> None:
+    """One-line ConfigErrors for the `dist` (d) combinations we do not support, checked before any weight loads.
+
+    Needs the peft group (ZeRO-3 cannot shard 4-bit weights), the optimizer (DeepSpeed takes torch's AdamW only)
+    and whether the algorithm needs a reference model (a frozen full copy cannot be a ZeRO-3 shard)."""
     if d.strategy not in STRATEGIES:
         raise ConfigError(f"dist.strategy={d.strategy}: choose one of {', '.join(STRATEGIES)}")
     if d.strategy == "single" and launched_processes() > 1:
@@ -43,22 +45,22 @@ def check(cfg, needs_reference: bool) -> None:
         return
     if d.zero_stage not in (2, 3):
         raise ConfigError(f"dist.zero_stage={d.zero_stage}: use 2 or 3")
-    if cfg.trainer.get("optimizer", "adamw") != "adamw":
-        raise ConfigError(f"trainer.optimizer={cfg.trainer.optimizer} under DeepSpeed (dist.strategy=deepspeed): "
+    if optimizer != "adamw":
+        raise ConfigError(f"trainer.optimizer={optimizer} under DeepSpeed (dist.strategy=deepspeed): "
                           "only trainer.optimizer=adamw is supported")
     if d.offload_params and d.zero_stage != 3:
         raise ConfigError("dist.offload_params=true needs dist.zero_stage=3 (ZeRO-2 keeps whole weights on each rank)")
-    if d.zero_stage == 3 and cfg.peft.get("quantize"):
-        raise ConfigError(f"peft={cfg.peft.method} (4/8-bit base) with dist=zero3 is not supported: "
+    if d.zero_stage == 3 and peft_cfg.quantize and peft_cfg.method != "none":
+        raise ConfigError(f"peft={peft_cfg.method} (4/8-bit base) with dist=zero3 is not supported: "
                           "use dist=zero2 or dist=ddp")
-    if d.zero_stage == 3 and cfg.peft.method == "none" and needs_reference:
+    if d.zero_stage == 3 and peft_cfg.method == "none" and needs_reference:
         raise ConfigError("peft=none with an algorithm that needs a reference model is not supported under "
                           "dist=zero3 (the frozen copy would be a shard): use an adapter or dist=zero2")
 
 
-def deepspeed_config(cfg, bf16: bool) -> dict:
-    """The DeepSpeed config of a run: dist keys + the trainer keys DeepSpeed must agree with + dist.deepspeed."""
-    d, t = cfg.dist, cfg.trainer
+def deepspeed_config(d, t, bf16: bool) -> dict:
+    """The DeepSpeed config of a run: dist keys (d) + the trainer keys (t) DeepSpeed must agree with (micro-batch,
+    accumulation, clipping) + dist.deepspeed."""
     zero = {"stage": int(d.zero_stage)}
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -75,7 +77,7 @@ def deepspeed_config(cfg, bf16: bool) -> dict:
         "zero_force_ds_cpu_optimizer": False,  # ...even with optimizer offload (slower than CPUAdam, but no build)
         "steps_per_print": 10**9,  # the loop logs; DeepSpeed's own step prints are noise
     }
-    if not d.get("deepspeed"):
+    if not d.deepspeed:
         return config
     return OmegaConf.to_container(OmegaConf.merge(config, d.deepspeed), resolve=True)  # nested keys merge, not replace
 
@@ -98,12 +100,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_accelerator(cfg, bf16: bool):
-    """The Accelerator for cfg.dist (the process group is created here, so call it before anything collective)."""
+def make_accelerator(d, t, bf16: bool):
+    """The Accelerator for the `dist` group d and the trainer group t (accumulation; DeepSpeed's batch keys).
+    The process group is created here, so call it before anything collective."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 
-    d, cuda = cfg.dist, torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
     kwargs = {}
     if d.strategy == "ddp":
         unused = bool(d.find_unused_parameters)
@@ -118,12 +121,12 @@ def make_accelerator(cfg, bf16: bool):
         # backend is not installed).
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         PartialState(cpu=not cuda, backend=None if cuda else "gloo")
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, bf16))
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(d, t, bf16))
     accelerator = Accelerator(
         cpu=not cuda and d.strategy != "deepspeed",  # cpu=True would switch DeepSpeed off; the device is the CPU anyway
         mixed_precision="bf16" if bf16 else "no",
         # sync_gradients (DDP's all-reduce, DeepSpeed's optimizer step) on the last micro-batch of each step only
-        gradient_accumulation_steps=int(cfg.trainer.grad_accum),
+        gradient_accumulation_steps=int(t.grad_accum),
         # accelerate would step the scheduler once per process per optimizer step; the loop steps it once
         step_scheduler_with_optimizer=False,
         **kwargs,

@@ -1,4 +1,13 @@
-"""Generation and generation-based task metrics (`eval/accuracy`, `eval/unsafe_rate`, ...)."""
+"""Held-out evaluation: the algorithm's own metrics on the run's eval rows, plus the tasks of the `eval` group.
+
+    evaluate = Evaluator(cfg.eval, algo, tokenizer, eval_examples)
+    metrics = evaluate(model, "base")     # {"base/loss": ..., "base/accuracy": ...} before the first step
+    metrics = evaluate(model, "eval")     # the same names under eval/ during and after training
+
+Generation tasks (`eval.tasks`: name → held-out prompts and a per-row scorer) answer greedily through
+`peftlab.sampling`, and apply only to algorithms that generate (`Algorithm.generates`). A task's metric name must
+not be one the algorithm reports: a collision is an error, not a silent overwrite.
+"""
 
 from __future__ import annotations
 
@@ -6,42 +15,10 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-import torch
 from hydra.utils import get_method
 
-from peftlab.data.format import encode, pad, render_prompt
-from peftlab.data.schemas import as_messages
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 64, **sampling) -> list[str]:
-    """Answers to `prompts` (texts or message lists), batched with left padding and the KV cache.
-
-    `sampling` goes to `model.generate` (do_sample, temperature, top_p, num_return_sequences...); the default is
-    greedy. With num_return_sequences=k the answers of one prompt are consecutive. The model is left in the mode
-    (train/eval) it was in.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(p for p in model.parameters()).device
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        ids = [encode(tokenizer, render_prompt(tokenizer, as_messages(p))) for p in chunk]
-        input_ids = pad(ids, tokenizer.pad_token_id, side="left").to(device)
-        attention_mask = pad([[1] * len(s) for s in ids], 0, side="left").to(device)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            use_cache=True,
-            **({"do_sample": False} | sampling),
-        )
-        texts += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
-    model.train(was_training)
-    return texts
+from peftlab.data.format import prompt_ids
+from peftlab.sampling import answer_texts, eval_mode
 
 
 @lru_cache(maxsize=None)
@@ -49,12 +26,31 @@ def _rows(path: str) -> tuple[dict, ...]:
     return tuple(json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
 
 
-def run_tasks(model, tokenizer, eval_cfg, prefix: str = "eval") -> dict[str, float]:
-    """Each task in eval.tasks: greedy answers to its prompts, scored per row, averaged → `<prefix>/<task>`."""
-    results = {}
-    for name, task in (eval_cfg.tasks or {}).items():
-        rows = _rows(str(task.path))
-        answers = generate(model, tokenizer, [r["prompt"] for r in rows], eval_cfg.max_new_tokens, eval_cfg.batch_size)
-        metric = get_method(task.metric)
-        results[f"{prefix}/{name}"] = sum(metric(a, r) for a, r in zip(answers, rows)) / len(rows)
-    return results
+class Evaluator:
+    """Everything a run measures on held-out data, called by the loop with the metrics' prefix (base/eval)."""
+
+    def __init__(self, eval_cfg, algo, tokenizer, examples: list[dict]):
+        self.algo, self.tokenizer, self.examples = algo, tokenizer, examples
+        self.batch_size, self.max_new_tokens = int(eval_cfg.batch_size), int(eval_cfg.max_new_tokens)
+        self.tasks = dict(eval_cfg.tasks or {}) if algo.generates else {}
+
+    def run_tasks(self, model) -> dict[str, float]:
+        """Each task: greedy answers to its prompts, scored per row, averaged → `eval/<task>`."""
+        results = {}
+        for name, task in self.tasks.items():
+            rows = _rows(str(task.path))
+            ids = [prompt_ids(self.tokenizer, r["prompt"]) for r in rows]
+            answers = answer_texts(model, self.tokenizer, ids, self.max_new_tokens, self.batch_size)
+            metric = get_method(task.metric)
+            results[f"eval/{name}"] = sum(metric(a, r) for a, r in zip(answers, rows)) / len(rows)
+        return results
+
+    def __call__(self, model, prefix: str) -> dict[str, float]:
+        with eval_mode(model):
+            metrics = self.algo.evaluate(model, self.examples, self.batch_size) if self.examples else {}
+            tasks = self.run_tasks(model)
+        clash = sorted(set(metrics) & set(tasks))
+        if clash:
+            raise ValueError(f"eval task(s) {clash} report the same metric names as the algorithm: rename the task "
+                             "in eval.tasks")
+        return {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in {**metrics, **tasks}.items()}

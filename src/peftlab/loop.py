@@ -1,7 +1,14 @@
 """The one training loop. Read it top to bottom: it knows nothing about any particular algorithm.
 
-    for step: fetch grad_accum micro-batches → algo.loss → backward (token/pair-weighted) → clip → step
-              → algo.on_step_end → log → eval → checkpoint
+    for step: algo.step_batches → algo.loss per micro-batch → backward (weighted by algo.num_items) → clip → step
+              → algo.on_step_end → log → evaluate → checkpoint
+
+How a step gets its batches (the contract with `peftlab.algos.base.Algorithm`): the data order (`Batches`, a pure
+function of (seed, k)) assigns the step's grad_accum micro-batches their examples; the loop hands that list to
+`algo.step_batches(model, step, ...)` ONCE per step, before the first loss, and gets the micro-batches back
+(collated ones by default; GRPO's rollouts, all from the step's starting weights, or reused ones when μ > 1).
+`algo.num_items(batch)` is the unit the loss averages over (tokens, pairs, completions) and weights the
+micro-batches exactly; `algo.num_tokens(batch)` is what the batch trained on, for tokens/s.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from peftlab import checkpoint, dist
-from peftlab.evaluation import run_tasks
+from peftlab.errors import DataError
+from peftlab.sampling import to_device
 
 
 class Batches:
@@ -31,7 +39,8 @@ class Batches:
         self.examples, self.batch_size, self.seed, self.rank, self.world = examples, batch_size, seed, rank, world
         self.per_epoch = len(examples) // batch_size
         if self.per_epoch == 0:
-            raise ValueError(f"{len(examples)} examples cannot fill one batch of {batch_size}")
+            raise DataError(f"{len(examples)} training rows cannot fill one batch of trainer.batch_size={batch_size} "
+                            f"per process: lower trainer.batch_size or add rows")
         self._epoch, self._order = -1, None
 
     def __call__(self, k: int) -> list:
@@ -46,7 +55,7 @@ class Batches:
 def make_optimizer(trainer_cfg, params):
     """AdamW (torch), or bitsandbytes' 8-bit / paged variants via trainer.optimizer."""
     kwargs = dict(lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas), weight_decay=trainer_cfg.weight_decay)
-    name = trainer_cfg.get("optimizer", "adamw")
+    name = trainer_cfg.optimizer
     if name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     import bitsandbytes as bnb
@@ -88,30 +97,18 @@ class StopFlag:
         self.raised = True
 
 
-def evaluate(cfg, model, tokenizer, algo, eval_examples, prefix: str) -> dict[str, float]:
-    """Held-out loss-style metrics from the algorithm plus the generation tasks of the `eval` group."""
-    was_training = model.training
-    model.eval()
-    metrics = algo.evaluate(model, eval_examples, cfg.eval.batch_size) if eval_examples else {}
-    if algo.generates:
-        metrics.update(run_tasks(model, tokenizer, cfg.eval))
-    model.train(was_training)
-    return {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in metrics.items()}
-
-
-def train(cfg, *, model, tokenizer, algo, train_examples, eval_examples, accelerator, run_dir: Path, runlog,
-          resume_from: Path | None = None):
-    """Train `model` with `algo` for trainer.max_steps.
+def train(t, run, *, accelerator, run_dir: Path, runlog, resume_from: Path | None = None):
+    """Train `run.policy` with `run.algo` for t.max_steps (t: the trainer config group).
 
     Returns (model as prepared by accelerate, figures for summary.json). A run stopped by SIGTERM returns after
     its checkpoint with `interrupted_at` set.
     """
-    t = cfg.trainer
-    params = [p for p in model.parameters() if p.requires_grad]
+    algo, evaluate = run.algo, run.evaluate
+    params = [p for p in run.policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(t, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.max_steps, t.warmup_ratio, t.min_lr_ratio))
-    model, optimizer, scheduler = dist.prepare(accelerator, model, optimizer, scheduler)
-    batches = Batches(train_examples, t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
+    model, optimizer, scheduler = dist.prepare(accelerator, run.policy, optimizer, scheduler)
+    batches = Batches(run.train_examples, t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
     device = accelerator.device
     results: dict = {}
 
@@ -122,7 +119,7 @@ def train(cfg, *, model, tokenizer, algo, train_examples, eval_examples, acceler
         results.update(state["extra"].get("base", {}))  # the starting model's figures, measured by the first run
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
     elif t.eval_base:
-        results.update(evaluate(cfg, model, tokenizer, algo, eval_examples, "base"))
+        results.update(evaluate(model, "base"))
         runlog.log(results, step=0)
     base_figures = dict(results)
 
@@ -132,8 +129,8 @@ def train(cfg, *, model, tokenizer, algo, train_examples, eval_examples, acceler
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in range(start_step, t.max_steps):
         began = time.perf_counter()
-        micro = [algo.collate(batches(step * t.grad_accum + i)) for i in range(t.grad_accum)]
-        micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
+        micro = algo.step_batches(model, step, [batches(step * t.grad_accum + i) for i in range(t.grad_accum)])
+        micro = [to_device(b, device) for b in micro]
         # Weight each micro-batch by its share of the step's items (tokens, pairs...) across all ranks, so the
         # gradient equals that of one big batch whatever the accumulation or the number of processes. The
         # processes' gradients are averaged (× 1/world) and accelerator.backward divides by grad_accum (as
@@ -150,7 +147,7 @@ def train(cfg, *, model, tokenizer, algo, train_examples, eval_examples, acceler
             local_loss += loss.item() * weight
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v / len(micro)
-            local_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            local_tokens += algo.num_tokens(batch)
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
         optimizer.step()
         scheduler.step()
@@ -174,7 +171,7 @@ def train(cfg, *, model, tokenizer, algo, train_examples, eval_examples, acceler
         if done % t.log_every == 0 or done == t.max_steps:
             runlog.log({**last, "perf/tokens_per_s": tokens_per_s}, step=done)
         if t.eval_every and done % t.eval_every == 0 and done != t.max_steps:
-            runlog.log(evaluate(cfg, model, tokenizer, algo, eval_examples, "eval"), step=done)
+            runlog.log(evaluate(model, "eval"), step=done)
         if stopping or (t.save_every and done % t.save_every == 0) or done == t.max_steps:
             checkpoint.save(run_dir, done, model, optimizer, scheduler, algo, accelerator, {"base": base_figures},
                             t.keep_checkpoints)
@@ -183,7 +180,7 @@ def train(cfg, *, model, tokenizer, algo, train_examples, eval_examples, acceler
             return model, {"interrupted_at": done}
     bar.close()
 
-    final = evaluate(cfg, model, tokenizer, algo, eval_examples, "eval")
+    final = evaluate(model, "eval")
     runlog.log(final, step=t.max_steps)
     results.update(final)
     results.update({k: v for k, v in last.items() if k.startswith("train/")})

@@ -18,7 +18,8 @@ import torch
 from omegaconf import OmegaConf
 
 import peftlab  # noqa: F401  (registers ${repo:...})
-from peftlab.models import build_base, compute_dtype, load_pretrained, load_tokenizer, weights_dtype
+from peftlab.models import (build_base, load_pretrained, load_tokenizer, quantized_compute_dtype, starting_adapter,
+                            train_dtype, weights_dtype)
 
 
 def run_config(run_dir: Path):
@@ -28,12 +29,18 @@ def run_config(run_dir: Path):
     return OmegaConf.load(path)
 
 
+def run_base(cfg, device: torch.device):
+    """The frozen base a run trained on, rebuilt from its config (quantized for qlora)."""
+    return build_base(cfg.model, cfg.peft, start_adapter=starting_adapter(cfg.model, cfg.algo.start_from),
+                      compute=train_dtype(cfg.trainer.precision, device), device=device)
+
+
 def dequantized_base(cfg, device: torch.device):
     """The run's 4-bit/8-bit base with every quantized linear replaced by its dequantized weight, in a plain model."""
     from peft.utils.integrations import dequantize_bnb_weight
 
-    dtype = compute_dtype(cfg, device)
-    quantized = build_base(cfg, device)
+    dtype = quantized_compute_dtype(cfg.peft, train_dtype(cfg.trainer.precision, device))
+    quantized = run_base(cfg, device)
     weights = {}
     for name, module in quantized.named_modules():
         if hasattr(module, "weight") and type(module.weight).__name__ in ("Params4bit", "Int8Params"):
@@ -67,12 +74,13 @@ def merge_run(run_dir: Path, out_dir: Path | None = None, device: str = "cpu") -
     if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter} holds no adapter (did the run finish?)")
     dev = torch.device(device)
-    if cfg.peft.get("quantize"):
+    compute = train_dtype(cfg.trainer.precision, dev)
+    if cfg.peft.quantize:
         base = dequantized_base(cfg, dev)
-        note = f"merged into the {cfg.peft.quantize} base dequantized to {compute_dtype(cfg, dev)}"
+        note = f"merged into the {cfg.peft.quantize} base dequantized to {quantized_compute_dtype(cfg.peft, compute)}"
     else:
-        base = build_base(cfg, dev)
-        note = f"merged into the {weights_dtype(cfg, dev)} base"
+        base = run_base(cfg, dev)
+        note = f"merged into the {weights_dtype(cfg.model, compute)} base"
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged.save_pretrained(out_dir)
     load_tokenizer(cfg.model).save_pretrained(out_dir)

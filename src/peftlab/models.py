@@ -11,32 +11,33 @@ from __future__ import annotations
 import copy
 import tempfile
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from peftlab.adapters import lora_config, quantization_config
+from peftlab.sampling import unwrap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def train_dtype(cfg, device: torch.device) -> torch.dtype:
-    """The compute precision of a run: trainer.precision=auto is bf16 on a GPU that supports it, fp32 elsewhere."""
-    precision = cfg.trainer.precision
+def train_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The compute precision of a run (trainer.precision): auto is bf16 on a GPU that supports it, fp32 elsewhere."""
     if precision == "auto":
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_ok else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
-def weights_dtype(cfg, device: torch.device) -> torch.dtype:
-    return train_dtype(cfg, device) if cfg.model.dtype == "auto" else DTYPES[cfg.model.dtype]
+def weights_dtype(model_cfg, compute: torch.dtype) -> torch.dtype:
+    """The dtype weights are loaded in: model.dtype, where auto follows the run's compute precision."""
+    return compute if model_cfg.dtype == "auto" else DTYPES[model_cfg.dtype]
 
 
-def compute_dtype(cfg, device: torch.device) -> torch.dtype:
-    """The 4-bit matmul dtype of qlora (peft.compute_dtype=auto follows the run's precision)."""
-    name = cfg.peft.get("compute_dtype", "auto")
-    return train_dtype(cfg, device) if name == "auto" else DTYPES[name]
+def quantized_compute_dtype(peft_cfg, compute: torch.dtype) -> torch.dtype:
+    """The 4-bit matmul dtype of qlora: peft.compute_dtype, where auto follows the run's compute precision."""
+    return compute if peft_cfg.compute_dtype == "auto" else DTYPES[peft_cfg.compute_dtype]
 
 
 def load_tokenizer(model_cfg):
@@ -52,13 +53,45 @@ def load_tokenizer(model_cfg):
     return tokenizer
 
 
-def starting_adapter(cfg) -> str | None:
-    """The adapter a run continues from: model.adapter, else the shipped SFT adapter when algo.start_from=sft."""
-    if cfg.model.get("adapter"):
-        return str(cfg.model.adapter)
-    if cfg.algo.get("start_from", "base") == "sft":
-        return str(cfg.model.sft_adapter)
+def starting_adapter(model_cfg, start_from: str) -> str | None:
+    """The adapter a run continues from: model.adapter, else model.sft_adapter when algo.start_from=sft."""
+    if model_cfg.adapter:
+        return str(model_cfg.adapter)
+    if start_from == "sft":
+        return str(model_cfg.sft_adapter)
     return None
+
+
+def _canonical(path) -> str | None:
+    """A local path as an absolute resolved string (so `./x` and `/abs/x` compare equal); hub ids unchanged."""
+    if path is None:
+        return None
+    local = Path(str(path)).expanduser()
+    return str(local.resolve()) if local.exists() else str(path)
+
+
+@dataclass(frozen=True)
+class PolicyIdentity:
+    """What a run's policy is built from, computed once from the model and peft groups and algo.start_from.
+
+    Two runs with equal (base, start_adapter, quantize) have bit-identical frozen bases, so an adapter trained on
+    one fits the other (what lets safe_dpo hold reward and cost models as adapters on its policy's base).
+    """
+
+    base: str                   # the checkpoint: a canonical local path or a hub id
+    start_adapter: str | None   # the adapter merged into the base before training (null: none)
+    quantize: str | None        # the frozen base's bitsandbytes quantization (nf4, fp4, int8) or None
+    peft_method: str            # none | lora | dora | qlora
+
+    def same_base(self, other: "PolicyIdentity") -> bool:
+        return (self.base, self.start_adapter, self.quantize) == (other.base, other.start_adapter, other.quantize)
+
+
+def policy_identity(model_cfg, peft_cfg, start_from: str) -> PolicyIdentity:
+    quantize = peft_cfg.quantize if peft_cfg.method != "none" else None
+    return PolicyIdentity(base=_canonical(model_cfg.name_or_path),
+                          start_adapter=_canonical(starting_adapter(model_cfg, start_from)),
+                          quantize=quantize or None, peft_method=str(peft_cfg.method))
 
 
 def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
@@ -116,46 +149,46 @@ HEAD_KWARGS = {"causal_lm": {}, "score": {"num_labels": 1}}
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS"}  # SEQ_CLS makes peft train and save the score head
 
 
-def build_base(cfg, device: torch.device, head: str = "causal_lm"):
+def build_base(model_cfg, peft_cfg, *, start_adapter: str | None, compute: torch.dtype, device: torch.device,
+               head: str = "causal_lm"):
     """The frozen base of a run: the checkpoint (quantized for qlora) with any starting adapter merged in."""
-    dtype = weights_dtype(cfg, device)
-    quant = quantization_config(cfg.peft, compute_dtype(cfg, device))
-    start = starting_adapter(cfg)
-    name = str(cfg.model.name_or_path)
+    dtype = weights_dtype(model_cfg, compute)
+    quant = quantization_config(peft_cfg, quantized_compute_dtype(peft_cfg, compute))
+    name, start = str(model_cfg.name_or_path), start_adapter
     with tempfile.TemporaryDirectory(prefix="peftlab-merged-") as merged_dir:
         if start and (quant is not None or head != "causal_lm"):
             # A quantized base cannot absorb an adapter exactly, and a causal-LM (SFT) adapter must reach the body
             # of a scoring model: merge into the full-precision causal LM first, then load that as the base.
-            merged = merge_adapter_into(load_pretrained(name, cfg.model, dtype, device), start)
+            merged = merge_adapter_into(load_pretrained(name, model_cfg, dtype, device), start)
             merged.save_pretrained(merged_dir)
             name, start = merged_dir, None
-        model = load_pretrained(name, cfg.model, dtype, device, quant, auto_class(head), **HEAD_KWARGS[head])
+        model = load_pretrained(name, model_cfg, dtype, device, quant, auto_class(head), **HEAD_KWARGS[head])
     if head == "score" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id  # the score is read at the last non-pad token
     return merge_adapter_into(model, start) if start else model
 
 
-def build_policy(cfg, device: torch.device, head: str = "causal_lm"):
+def build_policy(model_cfg, peft_cfg, *, start_adapter: str | None, compute: torch.dtype, device: torch.device,
+                 head: str, gradient_checkpointing: bool):
     """`build_base` prepared for training, with a fresh trainable adapter (peft=none: every weight trains)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = build_base(cfg, device, head)
-    checkpointing = bool(cfg.trainer.gradient_checkpointing)
+    model = build_base(model_cfg, peft_cfg, start_adapter=start_adapter, compute=compute, device=device, head=head)
     ckpt_kwargs = {"use_reentrant": False}
     if getattr(model, "is_quantized", False):
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )
-    elif checkpointing:
+    elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-    if checkpointing:
+    if gradient_checkpointing:
         model.config.use_cache = False
 
-    if cfg.peft.method == "none":
+    if peft_cfg.method == "none":
         model.requires_grad_(True)
         return model
-    model = get_peft_model(model, lora_config(cfg.peft, cfg.model.family, TASK_TYPES[head]))
-    if checkpointing:
+    model = get_peft_model(model, lora_config(peft_cfg, model_cfg.family, TASK_TYPES[head]))
+    if gradient_checkpointing:
         model.enable_input_require_grads()  # so checkpointed blocks see an input that requires grad
     return model
 
@@ -170,11 +203,6 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
-
-
-def unwrap(model):
-    """The model under DDP/DeepSpeed wrappers."""
-    return getattr(model, "module", model)
 
 
 class Reference:
@@ -202,5 +230,19 @@ class Reference:
             yield self.policy
 
 
-def is_local(path: str) -> bool:
-    return Path(path).expanduser().exists()
+@contextmanager
+def active_adapter(peft_model, name: str):
+    """Make adapter `name` the active one for the duration, then restore the previous one.
+
+    peft's `set_adapter` also flips `requires_grad` (the active adapter trainable, the others frozen); every flag is
+    restored afterwards, so the optimizer's view of the policy never changes.
+    """
+    previous = peft_model.active_adapter
+    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
+    peft_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(previous)
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -21,9 +21,7 @@ way `algo=rm` did in training (`peftlab.data.format.encode_prompt_completion`).
 
 from __future__ import annotations
 
-import copy
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,29 +30,13 @@ from omegaconf import OmegaConf
 
 from peftlab.data.format import collate_lm, encode_prompt_completion
 from peftlab.data.schemas import as_messages
-from peftlab.models import DTYPES, build_base, load_pretrained, starting_adapter, unwrap
-from peftlab.validate import ConfigError
+from peftlab.errors import ConfigError
+from peftlab.models import (DTYPES, PolicyIdentity, active_adapter, build_base, load_pretrained, policy_identity,
+                            starting_adapter, train_dtype)
+from peftlab.sampling import eval_mode, forked_rng, unwrap
 
 ADAPTER_METHODS = ("lora", "dora", "qlora")
 HEAD_NAMES = ("score", "classifier")  # what sequence-classification models call their head (peft saves it by name)
-
-
-def _canonical(path) -> str | None:
-    """A local path as an absolute resolved string (so `./x` and `/abs/x` compare equal); hub ids unchanged."""
-    if path is None:
-        return None
-    local = Path(str(path)).expanduser()
-    return str(local.resolve()) if local.exists() else str(path)
-
-
-def base_identity(cfg) -> tuple[str | None, str | None, str | None]:
-    """What a run's frozen base is made of: (checkpoint, starting adapter merged into it, quantization).
-
-    `cfg` needs `model` (name_or_path, adapter, sft_adapter), `algo.start_from` and `peft` (method, quantize).
-    Two runs with equal identities have bit-identical frozen bases, so adapters trained on one fit the other.
-    """
-    quantize = cfg.peft.get("quantize") if cfg.peft.method != "none" else None
-    return _canonical(cfg.model.name_or_path), _canonical(starting_adapter(cfg)), quantize or None
 
 
 @dataclass
@@ -69,8 +51,12 @@ class ScorerSource:
     tokenizer_dir: str = ""           # where its tokenizer is
 
     @property
-    def identity(self):
-        return base_identity(self.run_cfg) if self.adapter_dir is not None else None
+    def identity(self) -> PolicyIdentity | None:
+        """The policy identity of the algo=rm run that trained this adapter (None for a whole model)."""
+        if self.adapter_dir is None:
+            return None
+        cfg = self.run_cfg
+        return policy_identity(cfg.model, cfg.peft, cfg.algo.start_from)
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -125,10 +111,10 @@ def inspect_source(path, key: str = "scorer") -> ScorerSource:
     return ScorerSource(key, given, model_dir=given, tokenizer_dir=given)
 
 
-def can_share(source: ScorerSource, policy_identity, policy_peft_method: str) -> bool:
+def can_share(source: ScorerSource, policy: PolicyIdentity) -> bool:
     """True when the scorer is a LoRA adapter trained on exactly the policy's frozen base, and the policy has one."""
-    return (source.adapter_dir is not None and policy_peft_method in ADAPTER_METHODS
-            and source.run_cfg.peft.method in ADAPTER_METHODS and source.identity == tuple(policy_identity))
+    return (source.adapter_dir is not None and policy.peft_method in ADAPTER_METHODS
+            and source.run_cfg.peft.method in ADAPTER_METHODS and source.identity.same_base(policy))
 
 
 def check_tokenizer(source: ScorerSource, policy_tokenizer, shared: bool) -> None:
@@ -171,10 +157,12 @@ class Scorer:
         if source.adapter_dir is not None:
             from peft import PeftModel
 
-            cfg = copy.deepcopy(source.run_cfg)
-            if dtype is not None:
-                cfg.model.dtype = next(name for name, d in DTYPES.items() if d == dtype)
-            base = build_base(cfg, self.device, head="score")
+            cfg = source.run_cfg
+            compute = train_dtype(cfg.trainer.precision, self.device)  # as the algo=rm run computed
+            model_cfg = cfg.model if dtype is None else \
+                OmegaConf.merge(cfg.model, {"dtype": next(name for name, d in DTYPES.items() if d == dtype)})
+            base = build_base(model_cfg, cfg.peft, start_adapter=starting_adapter(cfg.model, cfg.algo.start_from),
+                              compute=compute, device=self.device, head="score")
             return PeftModel.from_pretrained(base, str(source.adapter_dir))
         if source.run_cfg is not None:  # a peft=none run: model/ is the whole trained model
             return load_pretrained(source.model_dir, source.run_cfg.model, dtype, self.device,
@@ -202,24 +190,6 @@ class Scorer:
             batch = self.encode(prompts[start:start + self.batch_size], completions[start:start + self.batch_size])
             scores.append(self.forward(**batch).float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
-
-
-@contextmanager
-def active_adapter(peft_model, name: str):
-    """Make adapter `name` the active one for the duration, then restore the previous one.
-
-    peft's `set_adapter` also flips `requires_grad` (the active adapter trainable, the others frozen); every flag is
-    restored afterwards, so the optimizer's view of the policy never changes.
-    """
-    previous = peft_model.active_adapter
-    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
-    peft_model.set_adapter(name)
-    try:
-        yield
-    finally:
-        peft_model.set_adapter(previous)
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 class SharedScorer(Scorer):
@@ -263,11 +233,8 @@ class SharedScorer(Scorer):
         self.head.to(self.device, dtype).requires_grad_(False)
 
     def forward(self, input_ids, attention_mask):
-        was_training = self.body.training
-        self.body.eval()
-        with active_adapter(self.peft_model, self.name):
+        with eval_mode(self.body), active_adapter(self.peft_model, self.name):
             hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-        self.body.train(was_training)
         # the last real token of each (right-padded) row: the highest position whose mask is 1
         last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(dim=1)  # (B,)
         pooled = hidden[torch.arange(len(last), device=hidden.device), last]  # (B, H)
@@ -280,3 +247,42 @@ def load_scorer(source: ScorerSource, *, policy=None, shared: bool = False, name
     if shared:
         return SharedScorer(source, policy, name, tokenizer, max_length, batch_size)
     return Scorer(device=device, dtype=dtype, max_length=max_length, batch_size=batch_size, source=source)
+
+
+@dataclass
+class ScorerPlan:
+    """A resolved scorer role (reward or cost): where it comes from and whether it shares the policy's base."""
+
+    source: ScorerSource
+    shared: bool
+
+
+def plan_scorers(paths: dict[str, str | None], policy: PolicyIdentity, *, share_base: bool,
+                 tokenizer) -> dict[str, ScorerPlan]:
+    """{role: path} (algo.reward_model, algo.cost_model) → resolved plans, checked before any weight loads (a bad
+    path or a tokenizer that does not fit is a one-line ConfigError naming the key)."""
+    plans = {}
+    for role, path in paths.items():
+        if not path:
+            continue
+        source = inspect_source(path, key=f"algo.{role}_model")
+        shared = share_base and can_share(source, policy)
+        check_tokenizer(source, tokenizer, shared)
+        plans[role] = ScorerPlan(source, shared)
+    return plans
+
+
+def load_scorers(plans: dict[str, ScorerPlan], *, policy, tokenizer, device, max_length: int,
+                 batch_size: int) -> dict[str, Scorer]:
+    """Load each planned scorer: as an adapter on `policy` when it shares its base, else separately in the base's
+    dtype. Loading initializes modules before their weights arrive, which draws random numbers: the RNG is forked
+    so that a run (its samples, hence safe_dpo's λ) is the same whether the scorers share the base or not."""
+    dtype = next(p for p in unwrap(policy).parameters() if p.is_floating_point()).dtype
+    loaded = {}
+    for role, plan in plans.items():
+        with forked_rng(0, device):
+            loaded[role] = load_scorer(plan.source, policy=policy, shared=plan.shared, name=role, tokenizer=tokenizer,
+                                       device=device, dtype=dtype, max_length=max_length, batch_size=batch_size)
+        how = "as an adapter on the policy's base" if plan.shared else "separately"
+        print(f"{role} model {plan.source.path} loaded {how}")
+    return loaded

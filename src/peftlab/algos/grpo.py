@@ -3,9 +3,9 @@
 One optimizer step, for each micro-batch of B prompts (G = num_generations, N = B·G completions, P prompt length,
 C = completion length):
 
-    rollout (in `collate`, before any loss of the step, so every completion comes from the same weights):
+    rollout (in `step_batches`, before any loss of the step, so every completion comes from the same weights):
         prompt ids (N, P), left-padded, each prompt repeated G times consecutively
-        → ONE `generate` call (KV cache, temperature / top_p / top_k, max_new_tokens), adapter active, eval mode
+        → ONE `peftlab.sampling.sample` call (KV cache, temperature / top_p / top_k), adapter active, eval mode
         → completion ids (N, C), completion mask (N, C) up to and including the first end-of-turn token
         → rewards r (N,) = Σ_f w_f r_f(prompts, completions, **columns)                 (peftlab.rewards)
         → advantages A (N,) = (r − mean_group) / (std + 1e-4)   per `scale_rewards`     (losses.group_advantages)
@@ -37,77 +37,14 @@ import torch
 
 from peftlab import losses
 from peftlab.algos.base import Algorithm
-from peftlab.data.format import IGNORE, encode, pad, render_prompt
+from peftlab.data.format import prompt_ids
 from peftlab.data.schemas import as_messages
-from peftlab.models import unwrap
+from peftlab.errors import ConfigError
 from peftlab.rewards import compute_rewards, resolve_rewards
-from peftlab.validate import ConfigError
+from peftlab.sampling import EVAL_SEED, completion_logps, forked_rng, model_device, sample
 
-EVAL_SEED = 0  # seed of evaluation sampling (a forked RNG: training randomness is untouched)
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
-
-
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which generated positions belong to each completion: up to and including its first end token.
-
-    Args:
-        completion_ids: (N, C) generated ids (padding after the end token, as `generate` leaves them).
-        eos_token_id: the end-of-turn id generation stops at.
-
-    Returns:
-        mask: (N, C) bool.
-        truncated: (N,) bool, True where no end token was generated (the completion hit max_new_tokens).
-    """
-    is_end = completion_ids == eos_token_id  # (N, C)
-    truncated = ~is_end.any(dim=1)  # (N,)
-    first_end = torch.where(truncated, completion_ids.shape[1], is_end.int().argmax(dim=1))  # (N,)
-    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)  # (C,)
-    return positions.unsqueeze(0) <= first_end.unsqueeze(1), truncated
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(N, L) 0/1 mask with left padding → (N, L) position ids counting real tokens from 0, as `generate` does."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def completion_logps(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(completion token | prefix) for every completion position, and the per-token entropy.
-
-    One forward over prompt + completion; only the last C + 1 logits are computed (`logits_to_keep`), since the
-    prompt's own tokens carry no loss. Logits are divided by the sampling temperature (as TRL does), so the ratio
-    and the KL are those of the distribution the completions were sampled from.
-
-    Args:
-        batch: input_ids, attention_mask, position_ids (N, P + C), completion_ids and completion_mask (N, C).
-
-    Returns:
-        logps: (N, C) float32, 0 where the completion mask is 0.
-        entropy: (N, C) float32, detached.
-    """
-    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]  # (N, C)
-    length = completion_ids.shape[1]
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=length + 1,
-        use_cache=False,
-    ).logits  # (N, C + 1, V): position t predicts completion token t (the first row predicts from the prompt's end)
-    if temperature != 1.0:
-        logits = logits / temperature
-    labels = completion_ids.masked_fill(~completion_mask.bool(), IGNORE)  # (N, C)
-    labels = torch.cat([torch.full_like(labels[:, :1], IGNORE), labels], dim=1)  # (N, C + 1): token_logprobs shifts
-    logps, _ = losses.token_logprobs(logits, labels)  # (N, C)
-    with torch.no_grad():  # one sequence at a time: at most one (C, V) float32 slab beside the logits
-        entropy = torch.stack([token_entropy(row[:-1]) for row in logits])  # (N, C)
-    return logps.float(), entropy
-
-
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(C, V) logits → (C,) entropy H = logsumexp(z) − Σ softmax(z)·z of each next-token distribution (float32)."""
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -119,28 +56,12 @@ class GRPO(Algorithm):
     data_kind = "grpo"
     generates = True
 
-    def __init__(
-        self,
-        tokenizer,
-        max_length: int,
-        start_from: str = "sft",
-        rewards: list | None = None,
-        accuracy_reward: str | None = None,
-        num_generations: int = 8,
-        max_new_tokens: int = 24,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        scale_rewards: str = "group",
-        loss_type: str = "dapo",
-        beta: float = 0.0,
-        epsilon: float = 0.2,
-        epsilon_high: float | None = None,
-        num_iterations: int = 1,
-        mask_truncated_completions: bool = False,
-        eval_num_generations: int = 4,
-    ):
-        super().__init__(tokenizer, max_length, start_from)
+    def __init__(self, *, rewards: list, accuracy_reward: str | None, num_generations: int, max_new_tokens: int,
+                 temperature: float, top_p: float, top_k: int, scale_rewards: str, loss_type: str, beta: float,
+                 epsilon: float, epsilon_high: float | None, num_iterations: int, mask_truncated_completions: bool,
+                 eval_num_generations: int, **common):
+        super().__init__(**common)
+        max_length = self.max_length
         if loss_type not in LOSS_TYPES:
             raise ConfigError(f"algo.loss_type={loss_type}: choose one of {', '.join(LOSS_TYPES)}")
         if scale_rewards not in SCALE_REWARDS:
@@ -155,7 +76,7 @@ class GRPO(Algorithm):
         if not 0 < int(max_new_tokens) < int(max_length):
             raise ConfigError(f"algo.max_new_tokens={max_new_tokens} must be in (0, model.max_length={max_length})")
         try:
-            self.rewards = resolve_rewards(rewards or [])
+            self.rewards = resolve_rewards(rewards)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         names = [r.name for r in self.rewards]
@@ -172,11 +93,8 @@ class GRPO(Algorithm):
         self.mask_truncated_completions = bool(mask_truncated_completions)
         self.eval_num_generations = int(eval_num_generations)
         self.max_prompt_length = int(max_length) - self.max_new_tokens  # prompts are cut from the left to fit
-        self.needs_reference = self.beta > 0  # the loop then builds a Reference (adapter disabled)
-
-        self.step = 0  # optimizer steps done: decides whether a micro-batch gets a fresh rollout or a reused one
-        self.micro_index = 0  # which micro-batch of the current step `collate` is preparing
-        self.rollouts: list[dict] = []  # the current rollouts when μ > 1 (one per micro-batch), checkpointed
+        self.needs_reference = self.beta > 0  # the builder then provides a Reference (adapter disabled)
+        self.rollouts: list[dict] = []  # the latest step's rollouts, reused by the μ − 1 steps after it; checkpointed
         self.generate_calls = 0  # number of `generate` calls for training rollouts (tests read it)
 
     def hparams(self):
@@ -197,12 +115,12 @@ class GRPO(Algorithm):
             "num_iterations": self.num_iterations,
             "mask_truncated_completions": self.mask_truncated_completions,
             "eval_num_generations": self.eval_num_generations,
-            "start_from": self.start_from,
+            **super().hparams(),
         }
 
-    def setup(self, policy, reference=None, device=None, train_examples=(), eval_examples=()):
-        super().setup(policy, reference, device, train_examples, eval_examples)
-        self.policy = unwrap(policy)  # rollouts use the bare module (generate is not a DDP/DeepSpeed method)
+    def setup(self, policy, *, reference, device, train_examples, eval_examples):
+        super().setup(policy, reference=reference, device=device, train_examples=train_examples,
+                      eval_examples=eval_examples)
         for reward in self.rewards:
             if hasattr(reward.function, "setup"):  # reward models load onto the policy's device
                 reward.function.setup(device=device)
@@ -211,26 +129,18 @@ class GRPO(Algorithm):
 
     def build_examples(self, rows):
         """Canonical grpo rows → {prompt (messages), prompt_ids (left-truncated), columns (the rest, for rewards)}."""
-        examples = []
-        for row in rows:
-            messages = as_messages(row["prompt"])
-            prompt_ids = encode(self.tokenizer, render_prompt(self.tokenizer, messages))[-self.max_prompt_length:]
-            columns = {k: v for k, v in row.items() if k != "prompt"}
-            examples.append({"prompt": messages, "prompt_ids": prompt_ids, "columns": columns})
-        return examples
+        return [{"prompt": as_messages(row["prompt"]),
+                 "prompt_ids": prompt_ids(self.tokenizer, row["prompt"])[-self.max_prompt_length:],
+                 "columns": {k: v for k, v in row.items() if k != "prompt"}} for row in rows]
 
-    def collate(self, examples):
-        """A micro-batch of B prompts → a scored rollout of B·G completions (fresh, or reused when μ > 1)."""
-        index = self.micro_index
-        self.micro_index += 1
-        if self.step % self.num_iterations != 0:
-            return self.rollouts[index]  # reuse: same completions, advantages and old log-probs
-        if index == 0:
-            self.rollouts = []
-        batch = self.rollout(examples)
-        if self.num_iterations > 1:
-            self.rollouts.append(batch)
-        return batch
+    def step_batches(self, model, step, micro_examples):
+        """Each micro-batch of B prompts → a scored rollout of B·G completions, all generated before the step's
+        first loss; with μ = num_iterations > 1, only at steps 0, μ, 2μ, ..., the steps between reuse them."""
+        if step % self.num_iterations != 0 and self.rollouts:
+            return self.rollouts  # reuse: same completions, advantages and old log-probs
+        batches = [self.rollout(model, examples) for examples in micro_examples]
+        self.rollouts = batches if self.num_iterations > 1 else []
+        return batches
 
     def num_items(self, batch):
         if self.loss_type == "dapo":
@@ -239,79 +149,42 @@ class GRPO(Algorithm):
 
     # ---- rollout ----------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def sample(self, model, prompt_ids: list[list[int]], max_new_tokens: int, greedy: bool) -> dict:
-        """ONE batched `generate` over the given prompt ids (already repeated per generation).
+    def generate(self, model, prompt_ids: list[list[int]], greedy: bool):
+        """Completions of `prompt_ids` with the training sampling settings (or greedy), by peftlab.sampling.sample."""
+        if greedy:
+            return sample(model, self.tokenizer, prompt_ids, self.max_new_tokens)
+        return sample(model, self.tokenizer, prompt_ids, self.max_new_tokens, do_sample=True,
+                      temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
-        Generation runs in eval mode with the adapter active (dropout off: samples come from the policy being
-        trained). The bitsandbytes 4-bit CPU fast path that would break later gradients is switched off when the
-        model is loaded (`peftlab.models.disable_cpu_4bit_repack`), so eval-mode generation is safe for qlora.
-
-        Returns input_ids / attention_mask / position_ids (N, P + C), completion_ids / completion_mask (N, C),
-        truncated (N,).
-        """
-        device = next(model.parameters()).device
-        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        prompt_input_ids = pad(prompt_ids, pad_id, side="left").to(device)  # (N, P)
-        prompt_mask = pad([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)  # (N, P)
-        sampling = {"do_sample": False} if greedy else {
-            "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-        was_training = model.training
-        model.eval()
-        try:
-            sequences = model.generate(
-                input_ids=prompt_input_ids,
-                attention_mask=prompt_mask,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                eos_token_id=eos_id,
-                use_cache=True,
-                **sampling,
-            )  # (N, P + C)
-        finally:
-            model.train(was_training)
-        completion_ids = sequences[:, prompt_input_ids.shape[1]:]  # (N, C)
-        completion_mask, truncated = completion_mask_from_ids(completion_ids, eos_id)  # (N, C), (N,)
-        attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)  # (N, P + C)
-        return {
-            "input_ids": sequences,
-            "attention_mask": attention_mask,
-            "position_ids": positions_from_mask(attention_mask),
-            "completion_ids": completion_ids,
-            "completion_mask": completion_mask,
-            "truncated": truncated,
-        }
-
-    def score(self, examples: list[dict], batch: dict, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards (N,) and per-function rewards (N, F) of the completions in `batch` (prompt b repeated `repeats`×)."""
-        ids, mask = batch["completion_ids"].cpu(), batch["completion_mask"].cpu()
-        token_lists = [row[m].tolist() for row, m in zip(ids, mask)]
-        texts = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
-        completions = [[{"role": "assistant", "content": text}] for text in texts]
+    def score(self, examples: list[dict], samples, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards (N,) and per-function rewards (N, F) of `samples` (prompt b of `examples` repeated `repeats`×)."""
+        completions = [[{"role": "assistant", "content": text}] for text in samples.texts]
         prompts = [e["prompt"] for e in examples for _ in range(repeats)]
         columns = {k: [e["columns"][k] for e in examples for _ in range(repeats)] for k in examples[0]["columns"]}
-        return compute_rewards(self.rewards, prompts, completions, completion_ids=token_lists, **columns)
+        return compute_rewards(self.rewards, prompts, completions, completion_ids=samples.completion_tokens(),
+                               **columns)
 
     @torch.no_grad()
-    def rollout(self, examples: list[dict]) -> dict:
+    def rollout(self, model, examples: list[dict]) -> dict:
         """Generate G completions per prompt with the current policy, score them, and compute what the loss needs.
 
-        Returns the batch `loss` consumes: the `sample` tensors, advantages (N,), old_logps (N, C) when μ > 1,
+        Returns the batch `loss` consumes: the `Samples` tensors, advantages (N,), old_logps (N, C) when μ > 1,
         ref_logps (N, C) when β > 0, and `rollout_metrics` (floats).
         """
         group = self.num_generations
-        prompt_ids = [e["prompt_ids"] for e in examples for _ in range(group)]  # N = B·G, groups consecutive
-        batch = self.sample(self.policy, prompt_ids, self.max_new_tokens, greedy=False)
+        ids = [e["prompt_ids"] for e in examples for _ in range(group)]  # N = B·G, groups consecutive
+        samples = self.generate(model, ids, greedy=False)
         self.generate_calls += 1
+        batch = samples.tensors()
         if self.mask_truncated_completions:  # DAPO's overlong filtering: no gradient from cut-off answers
-            batch["completion_mask"] &= ~batch["truncated"].unsqueeze(1)
+            batch["completion_mask"] = batch["completion_mask"] & ~samples.truncated.unsqueeze(1)
 
-        rewards, per_function = self.score(examples, batch, group)  # (N,), (N, F)
+        rewards, per_function = self.score(examples, samples, group)  # (N,), (N, F)
         advantages, zero_std = losses.group_advantages(rewards, group, self.scale_rewards)  # (N,), (N,)
-        batch["advantages"] = advantages.to(batch["input_ids"].device)
+        batch["advantages"] = advantages.to(samples.input_ids.device)
 
         if self.num_iterations > 1:  # π_old: the policy that generated, for the ratio of the reuse steps
-            batch["old_logps"], _ = completion_logps(self.policy, batch, self.temperature)
+            batch["old_logps"], _ = completion_logps(model, batch, self.temperature)
         if self.beta > 0:
             with self.reference.model() as reference:
                 batch["ref_logps"], _ = completion_logps(reference, batch, self.temperature)
@@ -323,7 +196,7 @@ class GRPO(Algorithm):
             "train/frac_reward_zero_std": zero_std.view(-1, group)[:, 0].float().mean().item(),
             "train/completion_length": lengths.mean().item(),
             "train/completion_length_max": lengths.max().item(),
-            "train/truncated_ratio": batch["truncated"].float().mean().item(),
+            "train/truncated_ratio": samples.truncated.float().mean().item(),
         }
         for f, reward in enumerate(self.rewards):
             values = per_function[:, f]
@@ -331,7 +204,6 @@ class GRPO(Algorithm):
             metrics[f"train/rewards/{reward.name}/std"] = float(values[values.isfinite()].std()) \
                 if values.isfinite().sum() > 1 else 0.0
         batch["rollout_metrics"] = metrics
-        del batch["truncated"]
         return batch
 
     # ---- loss -------------------------------------------------------------------------------------------------------
@@ -361,20 +233,13 @@ class GRPO(Algorithm):
             metrics["train/kl"] = float(stats["kl"])
         return loss, metrics
 
-    def on_step_end(self, model, step):
-        self.step = step
-        self.micro_index = 0
-        return {}
-
     def state_dict(self):
-        """Step count and the buffered rollouts of μ > 1 (on the CPU): what the next steps reuse after a resume."""
-        cpu = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in self.rollouts]
-        return {"step": self.step, "rollouts": cpu}
+        """The buffered rollouts of μ > 1 (on the CPU): what the next steps reuse after a resume."""
+        return {"rollouts": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in self.rollouts]}
 
     def load_state_dict(self, state):
-        self.step = int(state.get("step", 0))
-        self.micro_index = 0
-        self.rollouts = list(state.get("rollouts", []))
+        self.rollouts = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()}
+                         for b in state.get("rollouts", [])]
 
     # ---- evaluation -------------------------------------------------------------------------------------------------
 
@@ -389,12 +254,10 @@ class GRPO(Algorithm):
             eval/completion_length mean tokens per answer
         Greedy, one answer per prompt:
             eval/reward_greedy     mean total reward of the greedy answers
-            eval/accuracy          mean of the `accuracy_reward` function on the greedy answers (exact match, as
-                                   the toy eval group's eval/accuracy, which replaces it when eval=toy)
+            eval/greedy_accuracy   mean of the `accuracy_reward` function on the greedy answers (exact match)
         """
         if not examples:
             return {}
-        model = unwrap(model)
         sampled = self.score_answers(model, examples, batch_size, self.eval_num_generations, greedy=False)
         greedy = self.score_answers(model, examples, batch_size, 1, greedy=True)
         metrics = {"eval/reward": sampled["reward"], "eval/completion_length": sampled["completion_length"],
@@ -402,7 +265,7 @@ class GRPO(Algorithm):
         for reward in self.rewards:
             metrics[f"eval/rewards/{reward.name}"] = sampled[reward.name]
         if self.accuracy_reward is not None:
-            metrics["eval/accuracy"] = greedy[self.accuracy_reward]
+            metrics["eval/greedy_accuracy"] = greedy[self.accuracy_reward]
         return metrics
 
     def score_answers(self, model, examples, batch_size: int, repeats: int, greedy: bool) -> dict[str, float]:
@@ -412,17 +275,15 @@ class GRPO(Algorithm):
         training RNG (exact resume), and every evaluation of a run draws the same random numbers.
         """
         totals, per_function, lengths = [], [], []
-        device = next(model.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(EVAL_SEED)
-            for start in range(0, len(examples), max(1, batch_size // repeats)):
-                chunk = examples[start:start + max(1, batch_size // repeats)]
-                prompt_ids = [e["prompt_ids"] for e in chunk for _ in range(repeats)]
-                batch = self.sample(model, prompt_ids, self.max_new_tokens, greedy=greedy)
-                rewards, by_function = self.score(chunk, batch, repeats)
+        prompts_per_call = max(1, batch_size // repeats)
+        with forked_rng(EVAL_SEED, model_device(model)):
+            for start in range(0, len(examples), prompts_per_call):
+                chunk = examples[start:start + prompts_per_call]
+                samples = self.generate(model, [e["prompt_ids"] for e in chunk for _ in range(repeats)], greedy)
+                rewards, by_function = self.score(chunk, samples, repeats)
                 totals.append(rewards)
                 per_function.append(by_function)
-                lengths.append(batch["completion_mask"].sum(dim=1).float().cpu())
+                lengths.append(samples.completion_mask.sum(dim=1).float().cpu())
         by_function = torch.cat(per_function)  # (E·repeats, F)
         means = {"reward": torch.cat(totals).mean().item(), "completion_length": torch.cat(lengths).mean().item()}
         for f, reward in enumerate(self.rewards):

@@ -20,8 +20,8 @@ import torch
 from peftlab import losses
 from peftlab.algos.base import Algorithm
 from peftlab.data.format import collate_lm, encode_prompt_completion
-from peftlab.models import unwrap
-from peftlab.validate import ConfigError
+from peftlab.errors import ConfigError
+from peftlab.sampling import model_device, to_device, unwrap
 
 OBJECTIVES = {"reward": "preference", "cost": "safety"}  # objective → the data kind it trains on
 
@@ -30,18 +30,19 @@ class RewardModel(Algorithm):
     head = "score"
     generates = False  # a scorer does not answer prompts: the toy generation tasks do not apply
 
-    def __init__(self, tokenizer, max_length: int, start_from: str = "sft", objective: str = "reward"):
-        super().__init__(tokenizer, max_length, start_from)
+    def __init__(self, *, objective: str, **common):
+        super().__init__(**common)
         if objective not in OBJECTIVES:
             raise ConfigError(f"algo.objective={objective}: choose reward or cost")
         self.objective = objective
         self.data_kind = OBJECTIVES[objective]
 
     def hparams(self):
-        return {"objective": self.objective}
+        return {**super().hparams(), "objective": self.objective}
 
-    def setup(self, policy, reference=None, device=None, train_examples=(), eval_examples=()):
-        super().setup(policy, reference, device, train_examples, eval_examples)
+    def setup(self, policy, *, reference, device, train_examples, eval_examples):
+        super().setup(policy, reference=reference, device=device, train_examples=train_examples,
+                      eval_examples=eval_examples)
         # The head reads the last token that is not padding; "padding" must be the id the collator pads with.
         unwrap(policy).config.pad_token_id = self.tokenizer.pad_token_id
 
@@ -102,11 +103,11 @@ class RewardModel(Algorithm):
     @torch.no_grad()
     def evaluate(self, model, examples, batch_size):
         """eval/pair_accuracy (and eval/sign_accuracy for cost) on held-out pairs, eval/loss."""
-        device = unwrap(model).device
+        device = model_device(model)
         totals: dict[str, float] = {}
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in self.collate(chunk).items()}
+            batch = to_device(self.collate(chunk), device)
             loss, stats = self.loss_and_stats(model, batch)
             for k, v in {"loss": loss * len(chunk), **stats}.items():
                 totals[k] = totals.get(k, 0.0) + float(v)

@@ -14,22 +14,23 @@ from peftlab import losses
 from peftlab.algos.base import Algorithm
 from peftlab.data.format import IGNORE, collate_lm, collate_packed, encode_prompt_completion
 from peftlab.packing import enable_packed_sdpa, lm_logits
+from peftlab.sampling import model_device, to_device, unwrap
+
 
 class SFT(Algorithm):
     data_kind = "sft"
 
-    def __init__(self, tokenizer, max_length: int, start_from: str = "base", packing: bool = False):
-        super().__init__(tokenizer, max_length, start_from)
+    def __init__(self, *, packing: bool, **common):
+        super().__init__(**common)
         self.packing = bool(packing)
 
     def hparams(self):
-        return {"packing": self.packing}
+        return {**super().hparams(), "packing": self.packing}
 
-    def setup(self, policy, reference=None, device=None, train_examples=(), eval_examples=()):
-        super().setup(policy, reference, device, train_examples, eval_examples)
+    def setup(self, policy, *, reference, device, train_examples, eval_examples):
+        super().setup(policy, reference=reference, device=device, train_examples=train_examples,
+                      eval_examples=eval_examples)
         if self.packing:
-            from peftlab.models import unwrap
-
             enable_packed_sdpa(unwrap(policy))
 
     def build_examples(self, rows):
@@ -52,8 +53,7 @@ class SFT(Algorithm):
     def evaluate(self, model, examples, batch_size):
         total, count = 0.0, 0
         for start in range(0, len(examples), batch_size):
-            batch = self.collate(examples[start:start + batch_size])
-            batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(self.collate(examples[start:start + batch_size]), model_device(model))
             loss, n = losses.sft_loss(lm_logits(model, batch), batch["labels"])
             total += loss.item() * int(n)
             count += int(n)
