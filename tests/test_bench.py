@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from conftest import compose, live_policy
-from peftlab import bench, losses
-from peftlab.algos.dpo import DPO
-from peftlab.algos.sft import SFT
+from conftest import algorithm, compose, live_policy, set_up
+from peftlab import losses
+from peftlab.bench import report, runners, workloads
+from peftlab.bench.__main__ import parse_args
 from peftlab.packing import lm_logits
 from peftlab.data import load_splits
 from peftlab.models import Reference
@@ -22,14 +22,14 @@ CPU = torch.device("cpu")
 
 
 def test_bench_runs_ours_and_trl_and_writes_csv_and_markdown(tmp_path):
-    args = bench.parse_args(["--model", "qwen2-tiny", "--seq-len", "64", "--peft", "dora", "--algo", "sft,dpo,grpo",
+    args = parse_args(["--model", "qwen2-tiny", "--seq-len", "64", "--peft", "dora", "--algo", "sft,dpo,grpo",
                              "--trl", "default", "--steps", "1", "--warmup", "1", "--batch-size", "2",
                              "--num-generations", "2", "--max-new-tokens", "8", "--out", str(tmp_path)])
-    bench.write_results(bench.run_all(args), tmp_path, args, "python -m peftlab.bench ...")
+    report.write_results(runners.run_all(args), tmp_path, args, "python -m peftlab.bench ...")
 
     with open(tmp_path / "bench.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == bench.CSV_COLUMNS
+    assert list(rows[0]) == report.CSV_COLUMNS
     runs = {(r["algo"], r["peft"], r["tool"], r["setting"]) for r in rows}
     assert runs == {(a, "dora", t, "default") for a in ("sft", "dpo", "grpo") for t in ("ours", "trl")}
     for r in rows:
@@ -44,14 +44,14 @@ def test_bench_runs_ours_and_trl_and_writes_csv_and_markdown(tmp_path):
 
 
 def test_markdown_gives_ratios_to_trl_and_dora_to_lora():
-    args = bench.parse_args(["--peft", "lora,dora", "--algo", "sft"])
+    args = parse_args(["--peft", "lora,dora", "--algo", "sft"])
     figures = {"steps": 5, "tokens_per_step": 100, "tokens_per_s": 1.0, "peak_mem_mb": 1.0, "mfu": None,
                "threads": 1, "device": "cpu"}
     results = [{**figures, "algo": "sft", "peft": peft, "tool": tool, "setting": setting, "step_s": step_s,
                 "us_per_token": step_s * 1e4}
                for peft, tool, setting, step_s in (("lora", "ours", "default", 1.0), ("lora", "trl", "default", 2.0),
                                                    ("lora", "trl", "best", 1.25), ("dora", "ours", "default", 1.1))]
-    table = bench.markdown(results, args, "cmd")
+    table = report.markdown(results, args, "cmd")
     assert "| sft | lora | 10000.0 | 20000.0 | 0.50 | 12500.0 | 0.80 |" in table
     assert "| sft | 1.10 | 1.10 |" in table
 
@@ -59,9 +59,9 @@ def test_markdown_gives_ratios_to_trl_and_dora_to_lora():
 def test_synthetic_rows_have_varied_lengths_within_the_sequence_budget():
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(bench.TOKENIZER_DIR)
-    rows = bench.synthetic_rows("sft", 40, tokenizer, 256, 64, seed=0)
-    lengths = [len(e["input_ids"]) for e in SFT(tokenizer, 10_000).build_examples(rows)]
+    tokenizer = AutoTokenizer.from_pretrained(workloads.TOKENIZER_DIR)
+    rows = workloads.synthetic_rows("sft", 40, tokenizer, 256, 64, seed=0)
+    lengths = [len(e["input_ids"]) for e in algorithm(["model.max_length=10000"]).build_examples(rows)]
     assert max(lengths) <= 256 and min(lengths) >= 48 and max(lengths) - min(lengths) > 100
 
 
@@ -69,8 +69,8 @@ def sft_examples(n: int = 12):
     cfg, _ = compose(["logger=none"])
     _, tokenizer, policy = live_policy(["logger=none"])
     rows, _ = load_splits(cfg.data, "sft", 0)
-    padded, packed = SFT(tokenizer, 128), SFT(tokenizer, 128, packing=True)
-    packed.setup(policy)
+    padded, packed = algorithm(packing=False), algorithm(packing=True)
+    set_up(packed, policy)
     return policy, padded, packed, padded.build_examples(rows[:n])
 
 
@@ -91,7 +91,7 @@ def test_sft_packing_gives_the_padded_loss_and_gradients():
     assert max((x - y).abs().max().item() for x, y in zip(grad_padded, grad_packed)) < 1e-5
 
     # The check can fail: the same row without restarting position ids attends across sequences.
-    leaky = {k: v for k, v in b.items() if k not in ("position_ids", "cu_seq_lens")}
+    leaky = {"input_ids": b["input_ids"], "attention_mask": torch.ones_like(b["input_ids"])}
     leaky_loss, _ = losses.sft_loss(lm_logits(policy, leaky), b["labels"])
     assert abs(leaky_loss.item() - loss_padded) > 1e-3
 
@@ -115,9 +115,8 @@ def test_dpo_packing_gives_the_padded_log_probs_and_reference():
     cfg, tokenizer, policy = live_policy(["logger=none", "algo=dpo"])
     rows, _ = load_splits(cfg.data, "preference", 0)
     reference = Reference(policy, "lora")
-    padded, packed = DPO(tokenizer, 128), DPO(tokenizer, 128, packing=True)
-    padded.setup(policy, reference, CPU)
-    packed.setup(policy, reference, CPU)
+    padded = set_up(algorithm(["algo=dpo"], packing=False, precompute_ref=False), policy, reference)
+    packed = set_up(algorithm(["algo=dpo"], packing=True, precompute_ref=False), policy, reference)
     examples = padded.build_examples(rows[:6])
     a, b = padded.collate(examples), packed.collate(examples)
     assert b["input_ids"].shape[0] == 1 and padded.num_items(a) == packed.num_items(b) == 6

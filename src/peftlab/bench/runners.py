@@ -1,0 +1,212 @@
+"""The runs the benchmark compares: ours (the repo's own build and loop) and TRL's trainer for the same job."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from peftlab import REPO_ROOT
+from peftlab.bench.harness import PeakMemory, StepLog, Turns, count_forward_tokens, flops_per_token, peak_bf16_flops
+from peftlab.bench.workloads import completion_length_reward, save_random_model, synthetic_rows, write_rows
+
+
+# ---- ours ----------------------------------------------------------------------------------------------------------
+
+
+def our_config(model_dir: Path, data_file: Path, peft: str, algo: str, args):
+    """The composed train.py config for this job, with the bench's rows, steps, batch and sequence length."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    overrides = [
+        f"model.name_or_path={model_dir}", f"model.max_length={args.seq_len}", f"peft={peft}", f"algo={algo}",
+        "algo.start_from=base", "logger=none", "eval=none", "trainer.eval_base=false",
+        f"data.path={data_file}", "data.eval_path=null", "data.eval_size=0",
+        f"trainer.max_steps={args.warmup + args.steps}",
+        f"trainer.batch_size={args.grpo_prompts if algo == 'grpo' else args.batch_size}",
+        "trainer.grad_accum=1", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=0",
+        f"trainer.num_threads={args.threads}", f"trainer.seed={args.seed}",
+    ]
+    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    if algo == "grpo":
+        with open_dict(cfg):
+            cfg.algo.rewards = [{"function": "peftlab.bench.workloads.completion_length_reward", "weight": 1.0}]
+            cfg.algo.accuracy_reward = None
+            cfg.algo.num_generations = args.num_generations
+            cfg.algo.max_new_tokens = args.max_new_tokens
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+class StepClock:
+    """Stands in for tracking.RunLog: with trainer.log_every=1 the loop logs once after every optimizer step."""
+
+    def __init__(self, steps: StepLog):
+        self.steps = steps
+
+    def log(self, metrics: dict, step: int) -> None:
+        if "train/loss" in metrics:  # the end-of-run evaluation logs too, without a loss
+            self.steps.step_end()
+
+
+def run_ours(cfg, device, log: StepLog) -> None:
+    """Our real path: what train.run builds from `cfg` (peftlab.build.build_run), then peftlab.loop.train, one
+    StepLog entry per step."""
+    from peftlab import dist, loop
+    from peftlab.build import build_run
+    from peftlab.models import train_dtype
+
+    bf16 = train_dtype(cfg.trainer.precision, device) == torch.bfloat16
+    accelerator = dist.make_accelerator(cfg.dist, cfg.trainer, bf16)
+    built = build_run(cfg, accelerator)
+    handle = count_forward_tokens(built.policy, log)  # the same count as TRL's runs get
+    with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as run_dir:
+        loop.train(cfg.trainer, built, accelerator=accelerator, run_dir=Path(run_dir), runlog=StepClock(log))
+    handle.remove()
+
+
+# ---- TRL -----------------------------------------------------------------------------------------------------------
+
+
+def trl_rows(algo: str, rows: list[dict]) -> list[dict]:
+    """Canonical rows → TRL's conversational columns (the same text; TRL applies the same chat template)."""
+    if algo == "sft":
+        return [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}]}
+                for r in rows]
+    if algo == "dpo":
+        return [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+    return [{"prompt": r["prompt"]} for r in rows]
+
+
+# TRL's settings per algo: "default" changes nothing; "best" is its fastest configuration for the job.
+TRL_SETTINGS = {
+    "sft": {"default": {}, "best": {"packing": True, "gradient_checkpointing": False}},
+    "dpo": {"default": {}, "best": {"precompute_ref_log_probs": True, "gradient_checkpointing": False}},
+    "grpo": {"default": {}},  # generation dominates; TRL has no packing or precompute for it
+}
+
+
+def run_trl(cfg, algo: str, setting: str, rows: list[dict], args, device, log: StepLog) -> None:
+    """TRL's trainer on the same model, rows, batch, length, LoRA config, lr and precision as `cfg` (ours)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+
+    from peftlab.adapters import lora_config
+    from peftlab.models import train_dtype
+
+    model_dir = str(cfg.model.name_or_path)
+    bf16 = train_dtype(cfg.trainer.precision, device) == torch.bfloat16
+    set_seed(cfg.trainer.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 attn_implementation=cfg.model.attn_implementation).to(device)
+    peft_config = lora_config(cfg.peft, cfg.model.family)
+    dataset = Dataset.from_list(trl_rows(algo, rows))
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, *unused, **kwargs):
+            log.step_end()
+
+    common = dict(output_dir=tempfile.mkdtemp(prefix="peftlab-bench-trl-"), max_steps=args.warmup + args.steps,
+                  learning_rate=float(cfg.trainer.lr), use_cpu=device.type == "cpu", bf16=bf16, report_to=[],
+                  save_strategy="no", seed=int(cfg.trainer.seed), disable_tqdm=True, dataloader_num_workers=0,
+                  **TRL_SETTINGS[algo][setting])
+    if algo == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        config = SFTConfig(per_device_train_batch_size=args.batch_size, max_length=args.seq_len, **common)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=[StepEnd()])
+    elif algo == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        config = DPOConfig(per_device_train_batch_size=args.batch_size, max_length=args.seq_len,
+                           beta=float(cfg.algo.beta), **common)
+        trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=[StepEnd()])
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+
+        config = GRPOConfig(per_device_train_batch_size=args.grpo_prompts * args.num_generations,  # completions
+                            num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
+                            **common)
+        trainer = GRPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                              reward_funcs=completion_length_reward, peft_config=peft_config, callbacks=[StepEnd()])
+    handle = count_forward_tokens(trainer.model, log)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+
+
+# ---- the benchmark -------------------------------------------------------------------------------------------------
+
+
+def run_algo(model_dir: Path, algo: str, rows: list[dict], args, device, work_dir: Path) -> list[dict]:
+    """Every peft of one algo, ours and TRL's settings, each run in a thread, taking turns step by step (`Turns`):
+    ours vs TRL and DoRA vs LoRA are then measured under the same machine load."""
+    data_file = write_rows(rows, work_dir / f"{algo}-rows.jsonl")
+    configs = {peft: our_config(model_dir, data_file, peft, algo, args) for peft in args.peft}  # not in threads
+    runs = [(peft, tool, setting) for peft in args.peft
+            for tool, setting in [("ours", "default")] + [("trl", s) for s in TRL_SETTINGS[algo] if s in args.trl]]
+    turns = Turns([" ".join(run) for run in runs])
+    logs = {run: StepLog(" ".join(run), turns, PeakMemory(device)) for run in runs}
+    errors = []
+
+    def take_turns(peft: str, tool: str, setting: str) -> None:
+        log = logs[(peft, tool, setting)]
+        try:
+            log.begin()
+            if tool == "ours":
+                run_ours(configs[peft], device, log)
+            else:
+                run_trl(configs[peft], algo, setting, rows, args, device, log)
+        except BaseException as err:  # noqa: BLE001  (re-raised in the main thread)
+            errors.append(err)
+        finally:
+            turns.pass_on(log.name, finished=True)
+
+    threads = [threading.Thread(target=take_turns, args=run, name="-".join(run)) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [{"algo": algo, "peft": peft, "tool": tool, "setting": setting, **logs[(peft, tool, setting)].summary(
+        args.warmup)} for peft, tool, setting in runs]
+
+
+def run_all(args) -> list[dict]:
+    """Every algo (its pefts and tools interleaved); one CSV row per run."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak_flops = peak_bf16_flops()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="peftlab-bench-model-") as tmp:
+        model_dir = Path(args.model) if Path(args.model).is_dir() else \
+            save_random_model(args.model, Path(tmp) / "model", args.seed, args.vocab_size)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        for algo in args.algo:
+            per_step = args.grpo_prompts if algo == "grpo" else args.batch_size
+            num_rows = per_step * (args.warmup + args.steps)  # one epoch: both tools see every row once
+            rows = synthetic_rows(algo, num_rows, tokenizer, args.seq_len, args.max_new_tokens, args.seed)
+            for row in run_algo(model_dir, algo, rows, args, device, Path(tmp)):
+                flops = flops_per_token(model_dir, row["peft"], args.seq_len)
+                row["mfu"] = row["tokens_per_s"] * flops / peak_flops if peak_flops else None
+                row["threads"] = torch.get_num_threads()
+                row["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+                results.append(row)
+                print(f"{algo:5s} {row['peft']:5s} {row['tool']:4s} {row['setting']:8s} step {row['step_s']:.3f} s  "
+                      f"{row['us_per_token']:.1f} µs/token  {row['tokens_per_s']:.0f} tok/s  "
+                      f"{row['peak_mem_mb']:.0f} MB", flush=True)
+    return results
+
+
