@@ -4,10 +4,10 @@
     python scripts/build_toyworld.py --skip-pretrain  # data files only (+ tokenizer files into existing model dirs)
 
 Outputs (all deterministic, fixed seeds):
-    data/toy/*.jsonl                      see peftlab.toyworld.write_datasets
+    data/toy/*.jsonl                      see peftlab.toyworld.build.write_datasets
     assets/models/tiny_{qwen,llama,mistral}/   config, generation_config, model.safetensors (fp32), tokenizer files
 
-The checkpoints are pretrained on raw text only (peftlab.toyworld.pretraining_corpus): they can add and subtract
+The checkpoints are pretrained on raw text only (peftlab.toyworld.build.pretraining_corpus): they can add and subtract
 ("37 + 45 =" -> " 82") but have never seen the chat layout or the reply format, so in ChatML they score about 0
 until SFT teaches the format.
 """
@@ -39,7 +39,7 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from peftlab import toyworld  # noqa: E402
+from peftlab.toyworld import build as toyworld  # noqa: E402
 
 SEED = 0
 VOCAB_SIZE = 512

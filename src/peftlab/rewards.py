@@ -15,7 +15,7 @@ A reward function has TRL's signature, so functions written for TRL's GRPOTraine
 In the config (``algo.rewards``) each entry names a function by import path, with a weight::
 
     rewards:
-      - function: peftlab.toyworld.correctness_reward
+      - function: peftlab.toyworld.judge.correctness_reward
         weight: 1.0
       - function: peftlab.rewards.reward_model   # with `kwargs`, `function` is a factory called with them
         kwargs: {path: outputs/2026-01-01/12-00-00}
