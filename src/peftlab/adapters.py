@@ -49,7 +49,7 @@ def lora_config(peft_cfg, family: str, task_type: str = "CAUSAL_LM"):
 
     if peft_cfg.dora:
         enable_dora_eval_cache()
-    init = peft_cfg.get("init", "default")
+    init = peft_cfg.init
     return LoraConfig(
         r=int(peft_cfg.r),
         lora_alpha=float(peft_cfg.alpha),
@@ -66,7 +66,7 @@ def lora_config(peft_cfg, family: str, task_type: str = "CAUSAL_LM"):
 
 def quantization_config(peft_cfg, compute_dtype: torch.dtype):
     """peft group → BitsAndBytesConfig, or None when the base stays in full precision."""
-    quant = peft_cfg.get("quantize")
+    quant = peft_cfg.quantize
     if peft_cfg.method == "none" or not quant:
         return None
     from transformers import BitsAndBytesConfig

@@ -90,20 +90,20 @@ def validate(cfg, device: torch.device) -> None:
         check(isinstance(p.r, int) and p.r > 0, f"peft.r={p.r} must be a positive integer (the adapter rank)")
         check(float(p.alpha) > 0, f"peft.alpha={p.alpha} must be > 0")
         check(0 <= float(p.dropout) < 1, f"peft.dropout={p.dropout} must be in [0, 1)")
-    if p.method != "none" and p.get("quantize"):
+    if p.method != "none" and p.quantize:
         check(p.quantize in ("nf4", "fp4", "int8"), f"peft.quantize={p.quantize}: use nf4, fp4 or int8")
         problem = bitsandbytes_problem(device)
         check(problem is None, f"peft={p.method} (peft.quantize={p.quantize}) cannot run here: {problem}; use peft=lora")
 
-    start = cfg.algo.get("start_from", "base")
+    start = cfg.algo.start_from
     check(start in ("base", "sft"), f"algo.start_from={start}: use base or sft")
-    if start == "sft" and not cfg.model.get("adapter"):
-        check(bool(cfg.model.get("sft_adapter")),
+    if start == "sft" and not cfg.model.adapter:
+        check(bool(cfg.model.sft_adapter),
               f"algo.start_from=sft but model {cfg.model.name_or_path} has no sft_adapter: "
               "pass model.adapter=<SFT adapter dir> or algo.start_from=base")
     for key in ("adapter", "sft_adapter"):
-        adapter = cfg.model.get(key)
-        if adapter and (key == "adapter" or (start == "sft" and not cfg.model.get("adapter"))):  # adapter wins
+        adapter = cfg.model[key]
+        if adapter and (key == "adapter" or (start == "sft" and not cfg.model.adapter)):  # adapter wins
             check((Path(str(adapter)) / "adapter_config.json").exists(),
                   f"model.{key}={adapter}: no adapter_config.json there (a PEFT adapter directory is expected)")
 

@@ -41,7 +41,7 @@ from peftlab.data.format import prompt_ids
 from peftlab.data.schemas import as_messages
 from peftlab.errors import ConfigError
 from peftlab.rewards import compute_rewards, resolve_rewards
-from peftlab.sampling import EVAL_SEED, completion_logps, forked_rng, model_device, sample
+from peftlab.sampling import EVAL_SEED, completion_logps, forked_rng, model_device, sample, to_device
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -149,7 +149,7 @@ class GRPO(Algorithm):
 
     # ---- rollout ----------------------------------------------------------------------------------------------------
 
-    def generate(self, model, prompt_ids: list[list[int]], greedy: bool):
+    def sample_answers(self, model, prompt_ids: list[list[int]], greedy: bool):
         """Completions of `prompt_ids` with the training sampling settings (or greedy), by peftlab.sampling.sample."""
         if greedy:
             return sample(model, self.tokenizer, prompt_ids, self.max_new_tokens)
@@ -173,7 +173,7 @@ class GRPO(Algorithm):
         """
         group = self.num_generations
         ids = [e["prompt_ids"] for e in examples for _ in range(group)]  # N = B·G, groups consecutive
-        samples = self.generate(model, ids, greedy=False)
+        samples = self.sample_answers(model, ids, greedy=False)
         self.generate_calls += 1
         batch = samples.tensors()
         if self.mask_truncated_completions:  # DAPO's overlong filtering: no gradient from cut-off answers
@@ -235,11 +235,10 @@ class GRPO(Algorithm):
 
     def state_dict(self):
         """The buffered rollouts of μ > 1 (on the CPU): what the next steps reuse after a resume."""
-        return {"rollouts": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in self.rollouts]}
+        return {"rollouts": [to_device(b, "cpu") for b in self.rollouts]}
 
     def load_state_dict(self, state):
-        self.rollouts = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()}
-                         for b in state.get("rollouts", [])]
+        self.rollouts = [to_device(b, self.device) for b in state.get("rollouts", [])]
 
     # ---- evaluation -------------------------------------------------------------------------------------------------
 
@@ -279,7 +278,7 @@ class GRPO(Algorithm):
         with forked_rng(EVAL_SEED, model_device(model)):
             for start in range(0, len(examples), prompts_per_call):
                 chunk = examples[start:start + prompts_per_call]
-                samples = self.generate(model, [e["prompt_ids"] for e in chunk for _ in range(repeats)], greedy)
+                samples = self.sample_answers(model, [e["prompt_ids"] for e in chunk for _ in range(repeats)], greedy)
                 rewards, by_function = self.score(chunk, samples, repeats)
                 totals.append(rewards)
                 per_function.append(by_function)
