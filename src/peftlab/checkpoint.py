@@ -147,7 +147,9 @@ def problem_with(step_dir: Path) -> str | None:
     if not (step_dir / MANIFEST).exists():
         return f"no {MANIFEST} (incomplete: the save did not finish)"
     manifest = read_manifest(step_dir)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+    entry_keys = {"path", "size", "sha256"}
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), list)
+            and all(isinstance(e, dict) and entry_keys <= e.keys() for e in manifest["files"])):
         return f"{MANIFEST} is unreadable"
     if manifest.get("format") != MANIFEST_FORMAT:
         return f"{MANIFEST} has format {manifest.get('format')} (this peftlab reads {MANIFEST_FORMAT})"
