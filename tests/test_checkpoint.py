@@ -480,22 +480,25 @@ def test_resumable_keys_exist_and_only_they_leave_the_fingerprint_unchanged():
         assert rundir.fingerprint(rundir.comparable_config(compose([override])[0])) != reference, override
 
 
-def test_hydra_texts_equal_the_files_hydra_writes(tmp_path):
-    """Restoring .hydra/ from run.json puts back exactly what Hydra wrote at that launch."""
+def test_a_hydra_launch_writes_the_texts_and_has_the_fingerprint_we_compute(tmp_path):
+    """Restoring .hydra/ from run.json puts back exactly what Hydra wrote at that launch; and a CLI launch and an
+    in-process compose of the same overrides (as the tests' train_run) fingerprint the same."""
     app = tmp_path / "app.py"
     app.write_text(
-        "import json, sys\nfrom pathlib import Path\nimport hydra\nfrom hydra.core.hydra_config import HydraConfig\n"
-        "import peftlab\nfrom peftlab.rundir import hydra_texts\n"
+        "import json\nfrom pathlib import Path\nimport hydra\nfrom hydra.core.hydra_config import HydraConfig\n"
+        "import peftlab\nfrom peftlab import rundir\n"
         f"@hydra.main(config_path={str(REPO / 'conf')!r}, config_name='config', version_base='1.3')\n"
         "def main(cfg):\n"
-        "    texts = hydra_texts(cfg, list(HydraConfig.get().overrides.task))\n"
+        "    texts = rundir.hydra_texts(cfg, list(HydraConfig.get().overrides.task))\n"
+        "    texts['fingerprint'] = rundir.fingerprint(rundir.comparable_config(cfg))\n"
         "    (Path(HydraConfig.get().runtime.output_dir) / 'texts.json').write_text(json.dumps(texts))\n"
         "main()\n")
-    run_dir = tmp_path / "run"
+    run_dir, overrides = tmp_path / "run", ["peft.r=8", "algo=dpo"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    subprocess.run([sys.executable, str(app), "peft.r=8", "algo=dpo", f"hydra.run.dir={run_dir}"], env=env,
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, str(app), *overrides, f"hydra.run.dir={run_dir}"], env=env, check=True,
+                   capture_output=True, timeout=120)
     texts = json.loads((run_dir / "texts.json").read_text())
+    assert texts.pop("fingerprint") == rundir.fingerprint(rundir.comparable_config(compose(overrides)[0]))
     assert sorted(texts) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     for name, text in texts.items():
         assert text == (run_dir / ".hydra" / name).read_text(), name
