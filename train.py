@@ -21,11 +21,11 @@ from omegaconf import DictConfig
 
 import peftlab  # noqa: F401  (registers the ${repo:...} resolver)
 from peftlab import checkpoint, dist, loop
-from peftlab.adapters import resolve_targets
+from peftlab.adapters import effective_alpha, resolve_targets
 from peftlab.data import load_splits
 from peftlab.data.load import DataError
 from peftlab.models import Reference, build_policy, count_parameters, load_tokenizer, train_dtype
-from peftlab.tracking import RunLog, make_tracker, run_name, sweep_group, write_json_atomic
+from peftlab.tracking import RunLog, check_wandb_online, make_tracker, run_name, sweep_group, write_json_atomic
 from peftlab.validate import ConfigError, validate
 
 
@@ -74,6 +74,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], gro
         torch.set_num_threads(int(cfg.trainer.num_threads))
 
     try:
+        check_wandb_online(cfg.logger)  # h-sweeps stand-in: the main developer calls this from validate
         validate(cfg, accelerator.device)
         set_seed(cfg.trainer.seed)
         tokenizer = load_tokenizer(cfg.model)
@@ -128,7 +129,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str], gro
             "dist": choices.get("dist"),
             "processes": accelerator.num_processes,
             "r": cfg.peft.r if adapter else None,
-            "alpha": cfg.peft.alpha if adapter else None,
+            "alpha": effective_alpha(cfg.peft) if adapter else None,
             "targets": resolve_targets(cfg.peft.targets, cfg.model.family) if adapter else "all",
             "trainable_params": trainable,
             "total_params": total,
