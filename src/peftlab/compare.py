@@ -69,10 +69,11 @@ def configured_targets(run: Path):
 
 
 def label_runs(rows: list[dict]) -> None:
-    """Name each run by the overrides that set it apart from the others (the swept keys), else by its directory."""
+    """Name each run by the overrides that set it apart from the others (`swept`), else by its directory."""
     shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
     for r in rows:
-        r["run"] = ",".join(o for o in r["overrides"] if o not in shared) or Path(r["dir"]).name
+        r["swept"] = [o for o in r["overrides"] if o not in shared]
+        r["run"] = ",".join(r["swept"]) or Path(r["dir"]).name
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -164,9 +165,8 @@ def pick_metric(rows: list[dict], metric: str | None = None) -> str:
 def rank(rows: list[dict], metric: str) -> list[dict]:
     """Finished rows, best first by metric; those without it last, in their sweep order."""
     sign = -1 if higher_is_better(metric) else 1
-    done = finished(rows)
-    return sorted((r for r in done if has(r, metric)), key=lambda r: sign * r[metric]) + \
-        [r for r in done if not has(r, metric)]
+    scored = [r for r in finished(rows) if has(r, metric)]
+    return sorted(scored, key=lambda r: sign * r[metric]) + [r for r in finished(rows) if not has(r, metric)]
 
 
 def metric_keys(rows: list[dict]) -> list[str]:
@@ -252,7 +252,8 @@ def samples_section(rows: list[dict], prompts: int = SAMPLE_PROMPTS) -> str:
     lines = [f"## Samples (last evaluation: step {', '.join(map(str, steps))})"]
     for number, prompt in enumerate(order[:prompts], 1):
         answers = seen[prompt]
-        scores = list(dict.fromkeys(k for _, s in answers for k in s if k not in ("step", "prefix", "prompt", "answer")))
+        fixed = ("step", "prefix", "prompt", "answer")
+        scores = list(dict.fromkeys(k for _, s in answers for k in s if k not in fixed))
         body = [[r["run"], shorten(s["answer"], ANSWER_CHARS), *(s.get(k) for k in scores)] for r, s in answers]
         lines += ["", f"**Prompt {number}:** {escape(shorten(prompt, PROMPT_CHARS))}", "",
                   markdown(["run", "answer", *scores], body)]
@@ -295,6 +296,17 @@ def csv_rows(rows: list[dict], metric: str) -> tuple[list[str], list[list]]:
     return columns, [[cell(r, c) for c in columns] for r in ordered]
 
 
+def rank_series(rows: list[dict], metric: str) -> dict[str, list[dict]]:
+    """The runs with a rank and the metric, one line per setting of everything swept but the rank (one line per
+    alpha ratio in +sweep=rank_alpha, per method × algorithm in a cross-group sweep), else per PEFT method."""
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("r") is not None and has(r, metric):
+            rest = ",".join(o for o in r.get("swept", []) if not o.startswith("peft.r="))
+            series.setdefault(rest or str(r.get("peft")), []).append(r)
+    return series
+
+
 def figures(rows: list[dict], metric: str) -> dict:
     """name → matplotlib Figure: metric vs rank, loss curves (one panel per algorithm), metric vs trainable
     parameters, throughput and peak memory. Legends sit outside the axes at 8 pt or more; a line with few
@@ -315,11 +327,8 @@ def figures(rows: list[dict], metric: str) -> dict:
             ax.legend(fontsize=font, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for group in dict.fromkeys((r.get("algo"), r.get("peft")) for r in done):
-        points = sorted((r["r"], r[metric]) for r in done
-                        if (r.get("algo"), r.get("peft")) == group and r.get("r") is not None and has(r, metric))
-        if points:
-            ax.plot(*zip(*points), marker="o", label="/".join(map(str, group)) if several_algos else str(group[1]))
+    for group, members in rank_series(done, metric).items():
+        ax.plot(*zip(*sorted((r["r"], r[metric]) for r in members)), marker="o", label=group)
     ax.set(xlabel="rank r", ylabel=metric, title=f"{metric} by rank")
     ax.set_xscale("log", base=2)
     ranks = sorted({r["r"] for r in done if r.get("r") is not None})
@@ -333,11 +342,17 @@ def figures(rows: list[dict], metric: str) -> dict:
     algos = list(dict.fromkeys(r.get("algo") for r in done))
     fig, axes = plt.subplots(1, len(algos), figsize=(5 * len(algos) + 3, 4), squeeze=False)
     for ax, algo in zip(axes[0], algos):
-        for r in (r for r in done if r.get("algo") == algo and r["curve"]):
+        curves = [r for r in done if r.get("algo") == algo and r["curve"]]
+        for r in curves:
             ax.plot(*zip(*r["curve"]), label=r["run"], linewidth=1.2, marker="o" if len(r["curve"]) <= 20 else None,
                     markersize=3)
-        ax.set(xlabel="step", ylabel="train/loss", title=f"training loss ({algo})" if several_algos else "training loss")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        title = f"training loss ({algo})" if several_algos else "training loss"
+        ax.set(xlabel="step", ylabel="train/loss", title=title)
+        steps = sorted({step for r in curves for step, _ in r["curve"]})
+        if len(steps) <= 10:  # each logged step as a tick, not fractions of one
+            ax.set_xticks(steps)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         legend(ax)
     figs["loss_curves.png"] = fig
 
