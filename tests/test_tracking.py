@@ -165,7 +165,7 @@ def test_online_without_credentials_is_one_line_with_the_fix(no_wandb_login, mon
     assert "\n" not in message and message.startswith("logger.mode=online: no W&B credentials for api.wandb.ai")
     assert "`wandb login`" in message and "logger.mode=offline" in message
     monkeypatch.setenv("WANDB_MODE", "online")  # online because of the environment: the fix is there
-    with pytest.raises(ConfigError, match=r"^WANDB_MODE=online: .*`wandb login`, unset WANDB_MODE"):
+    with pytest.raises(ConfigError, match=r"^WANDB_MODE=online: .*`wandb login`, or unset WANDB_MODE"):
         check_wandb_online(logger("offline"))
 
 

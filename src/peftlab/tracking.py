@@ -136,7 +136,7 @@ def check_wandb_online(logger_cfg, timeout_s: float = 2.5) -> None:
     mode, setting = wandb_mode(logger_cfg)
     if logger_cfg.backend != "wandb" or mode != "online":
         return
-    fix = ("unset WANDB_MODE or set WANDB_MODE=offline" if setting.startswith("WANDB_MODE")
+    fix = ("or unset WANDB_MODE (or set it to offline)" if setting.startswith("WANDB_MODE")
            else "or pass logger.mode=offline")
     url = urlsplit(wandb_base_url())
     if wandb_credentials(url.geturl()) is None:
