@@ -43,6 +43,17 @@ def enable_dora_eval_cache() -> None:
     dora.ENABLE_DORA_CACHING = True
 
 
+def effective_alpha(peft_cfg):
+    """The LoRA alpha a run trains with: `alpha_ratio` × r when the ratio is set, else `alpha`.
+
+    A ratio lets a sweep hold alpha/r fixed, or vary it, while r varies: Hydra resolves a sweep's values once,
+    before any job exists, so `alpha: ${mul:${peft.r},2}` in a sweep would see the default rank, not the job's.
+    Summaries and trackers report this value, not the config's `alpha`, which the ratio overrides.
+    """
+    ratio = peft_cfg.get("alpha_ratio")
+    return peft_cfg.alpha if ratio is None else ratio * peft_cfg.r
+
+
 def lora_config(peft_cfg, family: str, task_type: str = "CAUSAL_LM"):
     """peft group → peft.LoraConfig. `dora` and `rslora` are flags; quantization is handled at load time."""
     from peft import LoraConfig
@@ -52,7 +63,7 @@ def lora_config(peft_cfg, family: str, task_type: str = "CAUSAL_LM"):
     init = peft_cfg.init
     return LoraConfig(
         r=int(peft_cfg.r),
-        lora_alpha=float(peft_cfg.alpha),
+        lora_alpha=float(effective_alpha(peft_cfg)),
         lora_dropout=float(peft_cfg.dropout),
         target_modules=resolve_targets(peft_cfg.targets, family),
         use_rslora=bool(peft_cfg.rslora),
