@@ -80,18 +80,17 @@ def policy_of(cfg, head: str = "causal_lm"):
     device = torch.device(CPU_DEVICE)
     return build_policy(cfg.model, cfg.peft, start_adapter=starting_adapter(cfg.model, cfg.algo.start_from),
                         compute=train_dtype(cfg.trainer.precision, device), device=device, head=head,
-                        gradient_checkpointing=bool(cfg.trainer.gradient_checkpointing))
+                        gradient_checkpointing=bool(cfg.trainer.gradient_checkpointing), reference_adapter=True)
 
 
 def base_of(cfg, head: str = "causal_lm"):
     """The frozen base train.py would build for `cfg`, on the CPU."""
     import torch
 
-    from peftlab.models import build_base, starting_adapter, train_dtype
+    from peftlab.models import build_base, train_dtype
 
     device = torch.device(CPU_DEVICE)
-    return build_base(cfg.model, cfg.peft, start_adapter=starting_adapter(cfg.model, cfg.algo.start_from),
-                      compute=train_dtype(cfg.trainer.precision, device), device=device, head=head)
+    return build_base(cfg.model, cfg.peft, compute=train_dtype(cfg.trainer.precision, device), device=device, head=head)
 
 
 def live_policy(overrides: list[str]):

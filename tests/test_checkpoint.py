@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from conftest import FAST, REPO, compose, step_losses, train_run
 from peftlab import checkpoint, rundir
 from peftlab.loop import warmup_cosine
-from peftlab.validate import ConfigError
+from peftlab.errors import ConfigError
 
 ACCELERATOR = SimpleNamespace(is_main_process=True, process_index=0, num_processes=1,
                               wait_for_everyone=lambda: None, state=SimpleNamespace(deepspeed_plugin=None))
@@ -288,7 +288,7 @@ def test_pruning_keeps_the_newest_checkpoint_whose_weights_are_finite(tmp_path):
 # ---- the run lock -----------------------------------------------------------------------------------------------
 
 def take_lock_in_another_process(run_dir: Path) -> subprocess.CompletedProcess:
-    code = ("import sys\nfrom peftlab.rundir import RunLock\nfrom peftlab.validate import ConfigError\n"
+    code = ("import sys\nfrom peftlab.rundir import RunLock\nfrom peftlab.errors import ConfigError\n"
             f"try:\n    RunLock({str(run_dir)!r}).release()\nexcept ConfigError as err:\n"
             "    print(err, file=sys.stderr)\n    sys.exit(2)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

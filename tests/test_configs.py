@@ -87,7 +87,8 @@ def test_sweep_presets_compose(preset):
     params = cfg.hydra.sweeper.params
     assert params, preset
     for key in params:
-        assert OmegaConf.select(cfg, key) is not None or key in GROUPS, f"{preset} sweeps unknown key {key}"
+        assert OmegaConf.select(cfg, key, default=KeyError) is not KeyError or key in GROUPS, \
+            f"{preset} sweeps unknown key {key}"
 
 
 @pytest.mark.parametrize("launcher", sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml")))

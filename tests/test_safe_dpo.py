@@ -271,17 +271,20 @@ def test_shared_scorers_equal_separate_ones_and_leave_the_policy_alone(rm_runs):
 
 
 def test_scorers_on_another_base_load_separately(rm_runs):
-    """A policy that started from an SFT adapter has another base than scorers trained from the bare checkpoint."""
+    """Scorers trained on the full-precision checkpoint share the base of a policy on it, whatever adapter the
+    policy starts from (a start adapter initialises the trained one, the base stays the checkpoint); a policy on
+    the 4-bit base (qlora) has another base, and gets them loaded separately."""
     reward_dir, _ = rm_runs
     from peftlab.scorers import plan_scorers
 
     same = inspect_source(reward_dir).identity
-    other_base = PolicyIdentity(base=same.base, start_adapter=str(reward_dir / "adapter"), quantize=None,
-                                peft_method="lora")
+    from_sft = PolicyIdentity(base=same.base, start_adapter=str(reward_dir / "adapter"), quantize=None,
+                              peft_method="lora")
+    quantized = PolicyIdentity(base=same.base, start_adapter=None, quantize="nf4", peft_method="qlora")
     tokenizer = load_tokenizer(compose(["algo=safe_dpo"])[0].model)
-    assert plan_scorers({"reward": str(reward_dir)}, same, share_base=True, tokenizer=tokenizer)["reward"].shared
-    plans = plan_scorers({"reward": str(reward_dir)}, other_base, share_base=True, tokenizer=tokenizer)
-    assert not plans["reward"].shared
+    for policy, shared in ((same, True), (from_sft, True), (quantized, False)):
+        plans = plan_scorers({"reward": str(reward_dir)}, policy, share_base=True, tokenizer=tokenizer)
+        assert plans["reward"].shared == shared, policy
 
 
 def test_scorer_with_another_tokenizer_is_a_one_line_error(rm_runs, tmp_path):

@@ -157,7 +157,7 @@ def test_tracker_says_when_wandb_mode_overrides_logger_mode(tmp_path, monkeypatc
 
 def test_online_without_credentials_is_one_line_with_the_fix(no_wandb_login, monkeypatch):
     from peftlab.tracking import check_wandb_online
-    from peftlab.validate import ConfigError
+    from peftlab.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         check_wandb_online(logger("online"))
@@ -201,7 +201,7 @@ def test_guard_checks_the_server_answers(no_wandb_login, monkeypatch):
     import threading
 
     from peftlab import tracking
-    from peftlab.validate import ConfigError
+    from peftlab.errors import ConfigError
 
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     with socket.socket() as server:

@@ -50,7 +50,7 @@ def effective_alpha(peft_cfg):
     before any job exists, so `alpha: ${mul:${peft.r},2}` in a sweep would see the default rank, not the job's.
     Summaries and trackers report this value, not the config's `alpha`, which the ratio overrides.
     """
-    ratio = peft_cfg.get("alpha_ratio")
+    ratio = peft_cfg.alpha_ratio
     return peft_cfg.alpha if ratio is None else ratio * peft_cfg.r
 
 

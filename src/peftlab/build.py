@@ -26,7 +26,8 @@ from peftlab import dist
 from peftlab.data import load_splits
 from peftlab.errors import ConfigError, DataError
 from peftlab.evaluation import Evaluator
-from peftlab.models import PolicyIdentity, Reference, build_policy, load_tokenizer, policy_identity, train_dtype
+from peftlab.models import (PolicyIdentity, Reference, build_policy, count_parameters, load_tokenizer, policy_identity,
+                            train_dtype)
 
 INJECTED = ("tokenizer", "max_length", "policy")  # what the builder passes to every algorithm besides conf/algo/
 
@@ -88,7 +89,11 @@ def build_run(cfg, accelerator) -> Run:
     device = accelerator.device
     policy = build_policy(cfg.model, cfg.peft, start_adapter=identity.start_adapter,
                           compute=train_dtype(cfg.trainer.precision, device), device=device, head=algo.head,
-                          gradient_checkpointing=bool(cfg.trainer.gradient_checkpointing))
+                          gradient_checkpointing=bool(cfg.trainer.gradient_checkpointing),
+                          reference_adapter=algo.needs_reference)
+    trainable, total = count_parameters(policy)
+    accelerator.print(f"policy: {identity.describe()}; {trainable:,} trainable of {total:,} parameters "
+                      f"({100 * trainable / total:.2f}%)")
     reference = Reference(policy, cfg.peft.method) if algo.needs_reference else None
     algo.setup(policy, reference=reference, device=device, train_examples=train_examples,
                eval_examples=eval_examples)

@@ -39,7 +39,7 @@ import torch
 
 from peftlab import dist
 from peftlab.models import unwrap
-from peftlab.validate import ConfigError
+from peftlab.errors import ConfigError
 
 LATEST = "latest"
 MANIFEST = "manifest.json"

@@ -94,6 +94,15 @@ def gather_lists(values: list) -> list:
     return [v for part in parts for v in part]
 
 
+def broadcast(value, accelerator):
+    """Rank 0's `value` on every rank (a picklable object; `value` itself with one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

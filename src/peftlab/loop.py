@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 from peftlab import checkpoint, dist
+from peftlab.console import Progress
 from peftlab.errors import DataError
 from peftlab.sampling import to_device
 
@@ -83,25 +82,56 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # preemption / kill, Ctrl-C, SLURM's warning
+
+
 class StopFlag:
-    """SIGTERM (a scheduler's preemption, `kill`) asks the loop to checkpoint and leave after the current step."""
+    """A stop signal asks the loop to checkpoint and leave after the current step: SIGTERM (a scheduler's
+    preemption, `kill`), SIGINT (Ctrl-C) and SIGUSR2 (what SLURM sends before a time limit; submitit requeues on
+    it). The handler that was installed before (submitit's requeue) is kept, to be called once the checkpoint is
+    written (`forward`)."""
 
     def __init__(self):
-        self.raised = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread (e.g. some launchers): no handler
-            pass
+        self.signum = None
+        self.previous = {}
+        for signum in STOP_SIGNALS:
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not in the main thread (e.g. some launchers): no handler
+                pass
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
 
     def _handle(self, signum, frame):
-        self.raised = True
+        self.signum = signum
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def forward(self) -> None:
+        """After the checkpoint: hand the signal to the handler it would have reached (e.g. submitit's requeue)."""
+        handler = self.previous.get(self.signum)
+        self.restore()
+        if callable(handler):
+            handler(self.signum, None)
+
+
+def nonfinite_grad_norm(params) -> torch.Tensor:
+    """The global gradient norm without clipping (for the divergence check when clipping is off)."""
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
 def train(t, run, *, accelerator, run_dir: Path, runlog, resume_from: Path | None = None):
     """Train `run.policy` with `run.algo` for t.max_steps (t: the trainer config group).
 
-    Returns (model as prepared by accelerate, figures for summary.json). A run stopped by SIGTERM returns after
-    its checkpoint with `interrupted_at` set.
+    Returns (model as prepared by accelerate, figures for summary.json). A run stopped by a signal returns after
+    its checkpoint with `interrupted_at` (and the `stop` flag, to forward the signal); a diverged run (a non-finite
+    loss or gradient with trainer.on_nonfinite=stop, or more than trainer.max_skipped_steps in a row with skip)
+    returns `diverged_at` without touching the weights with that step.
     """
     algo, evaluate = run.algo, run.evaluate
     params = [p for p in run.policy.parameters() if p.requires_grad]
@@ -109,12 +139,12 @@ def train(t, run, *, accelerator, run_dir: Path, runlog, resume_from: Path | Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.max_steps, t.warmup_ratio, t.min_lr_ratio))
     model, optimizer, scheduler = dist.prepare(accelerator, run.policy, optimizer, scheduler)
     batches = Batches(run.train_examples, t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
-    device = accelerator.device
+    device, deepspeed = accelerator.device, dist.uses_deepspeed(accelerator)
     results: dict = {}
 
     start_step = 0
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model, optimizer, scheduler, algo, accelerator)
+        state = checkpoint.load(resume_from, model, optimizer, scheduler, algo, accelerator, verify=False)
         start_step = state["step"]
         results.update(state["extra"].get("base", {}))  # the starting model's figures, measured by the first run
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
@@ -125,8 +155,8 @@ def train(t, run, *, accelerator, run_dir: Path, runlog, resume_from: Path | Non
 
     stop = StopFlag()
     model.train()
-    train_tokens, train_time, last = 0, 0.0, {}
-    bar = tqdm(total=t.max_steps, initial=start_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    train_tokens, train_time, last, skipped, skipped_in_a_row = 0, 0.0, {}, 0, 0
+    progress = Progress(t.max_steps, start_step, accelerator.is_main_process, t.log_every)
     for step in range(start_step, t.max_steps):
         began = time.perf_counter()
         micro = algo.step_batches(model, step, [batches(step * t.grad_accum + i) for i in range(t.grad_accum)])
@@ -143,31 +173,52 @@ def train(t, run, *, accelerator, run_dir: Path, runlog, resume_from: Path | Non
             with accelerator.accumulate(model):
                 loss, metrics = algo.loss(model, batch)
                 weight = count / max(total, 1)
+                if deepspeed and not accelerator.reduce(torch.isfinite(loss.detach()).float(), "min").item():
+                    local_loss = math.nan  # DeepSpeed steps inside backward: a non-finite loss must not reach it
+                    break
                 accelerator.backward(loss * (weight * accelerator.num_processes * t.grad_accum))
             local_loss += loss.item() * weight
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v / len(micro)
             local_tokens += algo.num_tokens(batch)
-        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if deepspeed:
+            grad_norm = None
+        else:
+            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else \
+                nonfinite_grad_norm(params)
+        finite = math.isfinite(local_loss) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
         # The step's loss over all ranks (each holds its weighted share), tokens summed, metrics averaged over
-        # ranks; and a SIGTERM seen by any rank stops all of them (checkpointing is collective).
-        local = [local_loss, local_tokens, float(stop.raised), *metric_sums.values()]
+        # ranks; and a stop signal or a non-finite loss or gradient on any rank counts for all of them.
+        local = [local_loss, local_tokens, float(stop.raised), float(not finite), *metric_sums.values()]
         summed = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=device), reduction="sum").tolist()
-        step_loss, train_tokens, stopping = summed[0], train_tokens + int(summed[1]), summed[2] > 0
-        metric_sums = {k: v / accelerator.num_processes for k, v in zip(metric_sums, summed[3:])}
+        step_loss, train_tokens, stopping, nonfinite = summed[0], train_tokens + int(summed[1]), summed[2] > 0, \
+            summed[3] > 0
+        if nonfinite:  # the update never reaches the weights: no optimizer or scheduler step
+            optimizer.zero_grad(set_to_none=True)
+            skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+            if t.on_nonfinite == "stop" or skipped_in_a_row > t.max_skipped_steps:
+                runlog.log({"train/loss": step_loss, "train/skipped_steps": skipped}, step=step + 1)
+                progress.close()
+                stop.restore()
+                return model, {"diverged_at": step + 1, "train/skipped_steps": skipped}
+            accelerator.print(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped_in_a_row} in a "
+                              f"row, trainer.max_skipped_steps={t.max_skipped_steps})")
+        else:
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            skipped_in_a_row = 0
+        metric_sums = {k: v / accelerator.num_processes for k, v in zip(metric_sums, summed[4:])}
         metric_sums.update(algo.on_step_end(model, step + 1))
         train_time += time.perf_counter() - began
 
         done = step + 1
-        last = {**metric_sums, "train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}
+        last = {**metric_sums, "train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
+                "train/skipped_steps": skipped}
         if grad_norm is not None:
             last["train/grad_norm"] = float(grad_norm)
         tokens_per_s = train_tokens / max(train_time, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        progress.update(done, step_loss, tokens_per_s)
         if done % t.log_every == 0 or done == t.max_steps:
             runlog.log({**last, "perf/tokens_per_s": tokens_per_s}, step=done)
         if t.eval_every and done % t.eval_every == 0 and done != t.max_steps:
@@ -176,9 +227,10 @@ def train(t, run, *, accelerator, run_dir: Path, runlog, resume_from: Path | Non
             checkpoint.save(run_dir, done, model, optimizer, scheduler, algo, accelerator, {"base": base_figures},
                             t.keep_checkpoints)
         if stopping:
-            bar.close()
-            return model, {"interrupted_at": done}
-    bar.close()
+            progress.close()
+            return model, {"interrupted_at": done, "stop": stop}
+    progress.close()
+    stop.restore()
 
     final = evaluate(model, "eval")
     runlog.log(final, step=t.max_steps)

@@ -2,15 +2,17 @@
 
     python -m peftlab.merge RUN_DIR [--out DIR]        # default DIR: RUN_DIR/merged
 
-The base is rebuilt from the run's own config (.hydra/config.yaml), so a run that started from an SFT adapter
-merges onto the same SFT-merged base it trained on. For a quantized (qlora) run the adapter was trained against
-the 4-bit weights, so it is merged into those weights dequantized to the compute dtype, not into the original
-full-precision checkpoint: the merged model then reproduces the adapter model's logits.
+The base is the one the adapter's adapter_config.json names (a run's adapter is a standard PEFT adapter of its
+checkpoint, also when the run started from an SFT adapter), loaded as the run's own config (.hydra/config.yaml)
+loads it. For a quantized (qlora) run the adapter was trained against the 4-bit weights, so it is merged into
+those weights dequantized to the compute dtype, not into the original full-precision checkpoint: the merged model
+then reproduces the adapter model's logits. An adapter with non-finite weights (a diverged run) is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 import peftlab  # noqa: F401  (registers ${repo:...})
-from peftlab.models import (build_base, load_pretrained, load_tokenizer, quantized_compute_dtype, starting_adapter,
+from peftlab.models import (build_base, load_pretrained, load_tokenizer, quantized_compute_dtype, same_checkpoint,
                             train_dtype, weights_dtype)
 
 
@@ -31,8 +33,7 @@ def run_config(run_dir: Path):
 
 def run_base(cfg, device: torch.device):
     """The frozen base a run trained on, rebuilt from its config (quantized for qlora)."""
-    return build_base(cfg.model, cfg.peft, start_adapter=starting_adapter(cfg.model, cfg.algo.start_from),
-                      compute=train_dtype(cfg.trainer.precision, device), device=device)
+    return build_base(cfg.model, cfg.peft, compute=train_dtype(cfg.trainer.precision, device), device=device)
 
 
 def dequantized_base(cfg, device: torch.device):
@@ -64,6 +65,7 @@ def _is_quant_aux(key: str) -> bool:
 def merge_run(run_dir: Path, out_dir: Path | None = None, device: str = "cpu") -> Path:
     """Merge RUN_DIR/adapter into the run's base and save to out_dir (model + tokenizer). Returns out_dir."""
     from peft import PeftModel
+    from peft.utils import load_peft_weights
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir or run_dir / "merged")
@@ -73,6 +75,11 @@ def merge_run(run_dir: Path, out_dir: Path | None = None, device: str = "cpu") -
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter} holds no adapter (did the run finish?)")
+    named = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if not same_checkpoint(named, str(cfg.model.name_or_path)):
+        raise ValueError(f"{adapter} names base {named}, but the run trained on {cfg.model.name_or_path}")
+    if not all(bool(torch.isfinite(w).all()) for w in load_peft_weights(str(adapter), device="cpu").values()):
+        raise ValueError(f"{adapter} has non-finite weights (a diverged run?): refusing to merge it")
     dev = torch.device(device)
     compute = train_dtype(cfg.trainer.precision, dev)
     if cfg.peft.quantize:

@@ -1,21 +1,28 @@
 """Tokenizer, policy (base + quantization + adapter), reference and parameter counts.
 
 The policy is built in one place so every algorithm gets the same thing:
-    base (4-bit if qlora)  [+ a starting adapter merged in]  + a fresh trainable adapter  (peft=none: all weights train)
-The reference of KL-regularized algorithms is the same model with its adapter disabled, so it costs no memory;
-a frozen copy exists only for full fine-tuning.
+
+    base (the checkpoint, 4-bit if qlora; nothing merged into it)
+      + the trainable adapter "default": fresh, or initialised from the start adapter (algo.start_from=sft or
+        model.adapter=<dir>), which the policy then continues to train
+      + when a reference is needed and there is a start adapter: a frozen copy of it, the adapter "reference"
+
+So the saved adapter is a standard PEFT adapter of the base its adapter_config.json names, and a run from an SFT
+adapter never builds a full-precision copy of a quantized base. The reference of KL-regularized algorithms is the
+same model with its adapter disabled (from the base) or switched to "reference" (from an SFT adapter): no copy.
+A frozen full copy exists only for full fine-tuning (peft=none, where a start adapter is merged into the weights).
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from peftlab import REPO_ROOT
 from peftlab.adapters import lora_config, quantization_config
 from peftlab.sampling import unwrap
 
@@ -63,28 +70,43 @@ def starting_adapter(model_cfg, start_from: str) -> str | None:
 
 
 def _canonical(path) -> str | None:
-    """A local path as an absolute resolved string (so `./x` and `/abs/x` compare equal); hub ids unchanged."""
+    """A local path as an absolute resolved string (so `./x` and `/abs/x` compare equal); hub ids unchanged. A
+    relative path that does not exist here is read from the repository root (the shipped adapters name their base
+    as assets/models/<name>)."""
     if path is None:
         return None
     local = Path(str(path)).expanduser()
+    if not local.exists() and not local.is_absolute() and (REPO_ROOT / local).exists():
+        local = REPO_ROOT / local
     return str(local.resolve()) if local.exists() else str(path)
+
+
+def same_checkpoint(a: str, b: str) -> bool:
+    """Whether two model.name_or_path values name the same checkpoint (local paths compared resolved)."""
+    return _canonical(a) == _canonical(b)
 
 
 @dataclass(frozen=True)
 class PolicyIdentity:
     """What a run's policy is built from, computed once from the model and peft groups and algo.start_from.
 
-    Two runs with equal (base, start_adapter, quantize) have bit-identical frozen bases, so an adapter trained on
-    one fits the other (what lets safe_dpo hold reward and cost models as adapters on its policy's base).
+    Two runs with equal (base, quantize) have bit-identical frozen bases, so an adapter trained on one fits the
+    other (what lets safe_dpo hold reward and cost models as adapters on its policy's base): a start adapter only
+    initialises the trained adapter, it never changes the base.
     """
 
     base: str                   # the checkpoint: a canonical local path or a hub id
-    start_adapter: str | None   # the adapter merged into the base before training (null: none)
+    start_adapter: str | None   # the adapter the trained one starts from (null: a fresh adapter)
     quantize: str | None        # the frozen base's bitsandbytes quantization (nf4, fp4, int8) or None
     peft_method: str            # none | lora | dora | qlora
 
+    def describe(self) -> str:
+        base = f"{self.base}" + (f" ({self.quantize})" if self.quantize else "")
+        start = f" continuing {self.start_adapter}" if self.start_adapter else ""
+        return f"{self.peft_method} on {base}{start}"
+
     def same_base(self, other: "PolicyIdentity") -> bool:
-        return (self.base, self.start_adapter, self.quantize) == (other.base, other.start_adapter, other.quantize)
+        return (self.base, self.quantize) == (other.base, other.quantize)
 
 
 def policy_identity(model_cfg, peft_cfg, start_from: str) -> PolicyIdentity:
@@ -149,31 +171,51 @@ HEAD_KWARGS = {"causal_lm": {}, "score": {"num_labels": 1}}
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS"}  # SEQ_CLS makes peft train and save the score head
 
 
-def build_base(model_cfg, peft_cfg, *, start_adapter: str | None, compute: torch.dtype, device: torch.device,
-               head: str = "causal_lm"):
-    """The frozen base of a run: the checkpoint (quantized for qlora) with any starting adapter merged in."""
+REFERENCE_ADAPTER = "reference"  # the frozen copy of the start adapter that computes π_ref
+
+
+def build_base(model_cfg, peft_cfg, *, compute: torch.dtype, device: torch.device, head: str = "causal_lm"):
+    """The frozen base of a run: the checkpoint, quantized for qlora (nothing merged into it)."""
     dtype = weights_dtype(model_cfg, compute)
     quant = quantization_config(peft_cfg, quantized_compute_dtype(peft_cfg, compute))
-    name, start = str(model_cfg.name_or_path), start_adapter
-    with tempfile.TemporaryDirectory(prefix="peftlab-merged-") as merged_dir:
-        if start and (quant is not None or head != "causal_lm"):
-            # A quantized base cannot absorb an adapter exactly, and a causal-LM (SFT) adapter must reach the body
-            # of a scoring model: merge into the full-precision causal LM first, then load that as the base.
-            merged = merge_adapter_into(load_pretrained(name, model_cfg, dtype, device), start)
-            merged.save_pretrained(merged_dir)
-            name, start = merged_dir, None
-        model = load_pretrained(name, model_cfg, dtype, device, quant, auto_class(head), **HEAD_KWARGS[head])
+    model = load_pretrained(str(model_cfg.name_or_path), model_cfg, dtype, device, quant, auto_class(head),
+                            **HEAD_KWARGS[head])
     if head == "score" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id  # the score is read at the last non-pad token
-    return merge_adapter_into(model, start) if start else model
+    return model
+
+
+def load_start_adapter(model, adapter_dir: str) -> None:
+    """Initialise the trainable adapter "default" of `model` (a PeftModel built with the start adapter's rank,
+    alpha and targets) from the start adapter's LoRA weights, so the policy begins as exactly that model.
+
+    A causal-LM (SFT) adapter can start a scoring model too: its LoRA weights fit the same body, the score head
+    starts fresh. A DoRA policy from a LoRA adapter gets its magnitudes recomputed from W + ΔW, which makes DoRA's
+    output equal to the LoRA model's at the start.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    weights = {k: v for k, v in load_peft_weights(adapter_dir, device="cpu").items() if ".lora_" in k}  # no head
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter {adapter_dir} does not fit the model: {unexpected[:2]} ...")
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and layer.use_dora.get("default") and "default" in layer.lora_magnitude_vector \
+                and not any(".lora_magnitude_vector" in k for k in weights):
+            layer.lora_magnitude_vector["default"].update_layer(
+                base_layer=layer.get_base_layer(), lora_A=layer.lora_A["default"].weight,
+                lora_B=layer.lora_B["default"].weight, scaling=layer.scaling["default"])
 
 
 def build_policy(model_cfg, peft_cfg, *, start_adapter: str | None, compute: torch.dtype, device: torch.device,
-                 head: str, gradient_checkpointing: bool):
-    """`build_base` prepared for training, with a fresh trainable adapter (peft=none: every weight trains)."""
+                 head: str, gradient_checkpointing: bool, reference_adapter: bool = False):
+    """The model a run trains: the base, prepared for training, with its trainable adapter (peft=none: every
+    weight trains). With `reference_adapter` and a start adapter, a frozen copy of it is loaded as "reference"."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = build_base(model_cfg, peft_cfg, start_adapter=start_adapter, compute=compute, device=device, head=head)
+    model = build_base(model_cfg, peft_cfg, compute=compute, device=device, head=head)
     ckpt_kwargs = {"use_reentrant": False}
     if getattr(model, "is_quantized", False):
         model = prepare_model_for_kbit_training(
@@ -184,19 +226,30 @@ def build_policy(model_cfg, peft_cfg, *, start_adapter: str | None, compute: tor
     if gradient_checkpointing:
         model.config.use_cache = False
 
-    if peft_cfg.method == "none":
+    if peft_cfg.method == "none":  # a full fine-tune from an adapter starts from the merged weights
+        model = merge_adapter_into(model, start_adapter) if start_adapter else model
         model.requires_grad_(True)
         return model
     model = get_peft_model(model, lora_config(peft_cfg, model_cfg.family, TASK_TYPES[head]))
+    model.peft_config["default"].base_model_name_or_path = str(model_cfg.name_or_path)
+    if start_adapter:
+        load_start_adapter(model, start_adapter)
+        if reference_adapter:
+            model.load_adapter(start_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            model.set_adapter("default")
     if gradient_checkpointing:
         model.enable_input_require_grads()  # so checkpointed blocks see an input that requires grad
     return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, counting each 4-bit weight by its logical size rather than its packed bytes."""
+    """(trainable, total) parameters of the policy, counting each 4-bit weight by its logical size rather than its
+    packed bytes; frozen extra adapters (the reference copy, scorers held on the base) are not the policy's."""
+    others = [f".{name}." for name in getattr(unwrap(model), "peft_config", {}) if name != "default"]
     trainable = total = 0
-    for p in model.parameters():
+    for name, p in model.named_parameters():
+        if any(tag in name for tag in others):
+            continue
         quant_state = getattr(p, "quant_state", None)
         n = int(torch.Size(quant_state.shape).numel()) if quant_state is not None else p.numel()
         total += n
@@ -206,17 +259,19 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 class Reference:
-    """The frozen reference policy π_ref of KL-regularized objectives.
+    """The frozen reference policy π_ref of KL-regularized objectives: the start model.
 
-    With an adapter, π_ref is the policy with its adapter disabled: the same weights, no copy. (When the run
-    started from an SFT adapter, that adapter was merged into the base, so π_ref is the SFT model.)
-    For full fine-tuning (peft=none), a frozen copy taken before the first step.
+    With an adapter, π_ref is the policy with its adapter disabled (the base) or with the frozen "reference"
+    adapter active (the start adapter, e.g. the SFT model): the same weights, no copy. For full fine-tuning
+    (peft=none), a frozen copy taken before the first step.
     """
 
     def __init__(self, policy, peft_method: str):
         self.copy = None
         if peft_method == "none":
             self.copy = copy.deepcopy(unwrap(policy)).eval().requires_grad_(False)
+        peft_config = getattr(unwrap(policy), "peft_config", {})
+        self.adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in peft_config else None
         self.policy = policy
 
     @contextmanager
@@ -226,6 +281,10 @@ class Reference:
             yield self.copy
             return
         peft_model = unwrap(self.policy)
+        if self.adapter is not None:
+            with active_adapter(peft_model, self.adapter):
+                yield self.policy
+            return
         with peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else nullcontext():
             yield self.policy
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from peftlab import checkpoint
-from peftlab.validate import ConfigError
+from peftlab.errors import ConfigError
 
 LOCK = ".lock"
 RUN_RECORD = "run.json"

@@ -32,7 +32,7 @@ from peftlab.data.format import collate_lm, encode_prompt_completion
 from peftlab.data.schemas import as_messages
 from peftlab.errors import ConfigError
 from peftlab.models import (DTYPES, PolicyIdentity, active_adapter, build_base, load_pretrained, policy_identity,
-                            starting_adapter, train_dtype)
+                            train_dtype)
 from peftlab.sampling import eval_mode, forked_rng, unwrap
 
 ADAPTER_METHODS = ("lora", "dora", "qlora")
@@ -161,8 +161,7 @@ class Scorer:
             compute = train_dtype(cfg.trainer.precision, self.device)  # as the algo=rm run computed
             model_cfg = cfg.model if dtype is None else \
                 OmegaConf.merge(cfg.model, {"dtype": next(name for name, d in DTYPES.items() if d == dtype)})
-            base = build_base(model_cfg, cfg.peft, start_adapter=starting_adapter(cfg.model, cfg.algo.start_from),
-                              compute=compute, device=self.device, head="score")
+            base = build_base(model_cfg, cfg.peft, compute=compute, device=self.device, head="score")
             return PeftModel.from_pretrained(base, str(source.adapter_dir))
         if source.run_cfg is not None:  # a peft=none run: model/ is the whole trained model
             return load_pretrained(source.model_dir, source.run_cfg.model, dtype, self.device,

@@ -30,9 +30,20 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def finite_json(obj):
+    """`obj` with every non-finite float as None, so the JSON written is strict (no bare NaN or Infinity)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -131,7 +142,7 @@ def check_wandb_online(logger_cfg, timeout_s: float = 2.5) -> None:
     Call it before any weight loads: W&B itself waits a long time before failing when offline, after the model
     is built. Does nothing unless logger.backend=wandb and the mode (see wandb_mode) is online.
     """
-    from peftlab.validate import ConfigError
+    from peftlab.errors import ConfigError
 
     mode, setting = wandb_mode(logger_cfg)
     if logger_cfg.backend != "wandb" or mode != "online":
@@ -217,10 +228,6 @@ class WandbTracker:
         self.run.finish()
 
 
-def finite(values: dict) -> dict:
-    """Strict JSON: non-finite floats become null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
-
 
 class RunLog:
     """Every logged dict goes to metrics.jsonl (one line per call, with `step`) and to the tracker; generated
@@ -234,16 +241,17 @@ class RunLog:
         if not enabled:  # a rank other than 0 of a multi-process run: rank 0 writes the run's one log
             return
         for path in (self.path, self.samples_path):
+            kept = []
             if resume_step is not None and path.exists():  # continuing in place: drop lines past the checkpoint
                 lines = [l for l in path.read_text().splitlines() if l.strip()]
                 kept = [l for l in lines if json.loads(l).get("step", 0) <= resume_step]
-                path.write_text("".join(l + "\n" for l in kept))
+            path.write_text("".join(l + "\n" for l in kept))  # a fresh start keeps no lines of an earlier one
         self.file = open(self.path, "a")
 
     def log(self, metrics: dict, step: int) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps({"step": step, **finite(metrics)}) + "\n")
+        self.file.write(json.dumps(finite_json({"step": step, **metrics}), allow_nan=False) + "\n")
         self.file.flush()
         self.tracker.log(metrics, step)
 
@@ -254,7 +262,7 @@ class RunLog:
             return
         if self.samples_file is None:
             self.samples_file = open(self.samples_path, "a")
-        rows = [{"step": step, "prefix": prefix, **finite(s)} for s in samples]
+        rows = [{"step": step, "prefix": prefix, **finite_json(s)} for s in samples]
         self.samples_file.write("".join(json.dumps(r) + "\n" for r in rows))
         self.samples_file.flush()
         self.tracker.log_samples(rows, step)

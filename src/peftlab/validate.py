@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from peftlab.adapters import PEFT_METHODS, resolve_targets
+from peftlab.adapters import PEFT_METHODS, effective_alpha, resolve_targets
 from peftlab.errors import ConfigError
+from peftlab.models import same_checkpoint, starting_adapter
+from peftlab.tracking import check_wandb_online
 
 
 def check(condition: bool, message: str) -> None:
@@ -67,8 +71,39 @@ def bitsandbytes_problem(device: torch.device) -> str | None:
     return None
 
 
+def check_start_adapter(source: str, adapter: Path, model_cfg, peft_cfg, head: str) -> None:
+    """The adapter a run starts from must be a LoRA adapter of this very base, with the run's adapter shape: the
+    policy continues it (so peft.r/alpha/targets are its own, not a fresh adapter's), and a saved adapter must
+    load onto the base its adapter_config.json names."""
+    config_file = adapter / "adapter_config.json"
+    check(config_file.exists(), f"{source}: no adapter_config.json there (a PEFT adapter directory is expected)")
+    config = json.loads(config_file.read_text())
+    check(config.get("peft_type") == "LORA", f"{source}: a {config.get('peft_type')} adapter; only LoRA/DoRA start a run")
+    base = str(config.get("base_model_name_or_path"))
+    check(same_checkpoint(base, str(model_cfg.name_or_path)),
+          f"{source} was trained on {base}, not on model.name_or_path={model_cfg.name_or_path}: start from an "
+          "adapter of this model (or algo.start_from=base); if the two are copies of one checkpoint, edit "
+          "base_model_name_or_path in its adapter_config.json")
+    check(head == "score" or config.get("task_type") == "CAUSAL_LM",
+          f"{source}: a {config.get('task_type')} adapter cannot start a causal-LM policy")
+    if peft_cfg.method == "none":
+        return  # a full fine-tune merges it into the weights
+    wanted = {"peft.r": (int(peft_cfg.r), int(config["r"])),
+              "peft.alpha": (float(effective_alpha(peft_cfg)), float(config["lora_alpha"])),
+              "peft.targets": (sorted(resolve_targets(peft_cfg.targets, model_cfg.family)),
+                               sorted(config["target_modules"] or [])),
+              "peft.rslora": (bool(peft_cfg.rslora), bool(config.get("use_rslora"))),
+              "peft.bias": (str(peft_cfg.bias), str(config.get("bias", "none")))}
+    differ = [f"{k}={mine} (the adapter has {theirs})" for k, (mine, theirs) in wanted.items() if mine != theirs]
+    check(not differ, f"{source} is continued by this run, so its shape must be the run's: "
+                      f"{'; '.join(differ)}: set those keys to the adapter's values, or algo.start_from=base")
+    check(not config.get("use_dora") or bool(peft_cfg.dora),
+          f"{source} is a DoRA adapter: continue it with peft=dora")
+
+
 def validate(cfg, device: torch.device) -> None:
     """Raise ConfigError on the first problem found. Touches configs and files only, never weights."""
+    check_wandb_online(cfg.logger)  # before anything slow: an online run without a login stops within seconds
     missing = OmegaConf.missing_keys(cfg)
     check(not missing, f"required key(s) not set: {sorted(missing)} (pass them as key=value)")
 
@@ -79,6 +114,11 @@ def validate(cfg, device: torch.device) -> None:
     check(float(t.lr) > 0, f"trainer.lr={t.lr} must be > 0")
     check(0 <= float(t.warmup_ratio) < 1, f"trainer.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
     check(t.precision in ("auto", "fp32", "bf16"), f"trainer.precision={t.precision}: use auto, fp32 or bf16")
+    check(t.on_nonfinite in ("stop", "skip"), f"trainer.on_nonfinite={t.on_nonfinite}: use stop or skip")
+    check(int(t.max_skipped_steps) >= 0, f"trainer.max_skipped_steps={t.max_skipped_steps} must be >= 0")
+    check(not (t.on_nonfinite == "skip" and cfg.dist.strategy == "deepspeed"),
+          "trainer.on_nonfinite=skip is not supported under DeepSpeed (its optimizer steps inside the backward "
+          "pass): use trainer.on_nonfinite=stop, or dist=ddp")
     if t.precision == "bf16" and device.type == "cuda":
         check(torch.cuda.is_bf16_supported(), "trainer.precision=bf16: this GPU has no bf16; use trainer.precision=fp32")
     if t.resume and t.resume != "auto":
@@ -89,6 +129,8 @@ def validate(cfg, device: torch.device) -> None:
     if p.method != "none":
         check(isinstance(p.r, int) and p.r > 0, f"peft.r={p.r} must be a positive integer (the adapter rank)")
         check(float(p.alpha) > 0, f"peft.alpha={p.alpha} must be > 0")
+        check(p.alpha_ratio is None or float(p.alpha_ratio) > 0,
+              f"peft.alpha_ratio={p.alpha_ratio} must be > 0 (null = use peft.alpha)")
         check(0 <= float(p.dropout) < 1, f"peft.dropout={p.dropout} must be in [0, 1)")
     if p.method != "none" and p.quantize:
         check(p.quantize in ("nf4", "fp4", "int8"), f"peft.quantize={p.quantize}: use nf4, fp4 or int8")
@@ -101,11 +143,11 @@ def validate(cfg, device: torch.device) -> None:
         check(bool(cfg.model.sft_adapter),
               f"algo.start_from=sft but model {cfg.model.name_or_path} has no sft_adapter: "
               "pass model.adapter=<SFT adapter dir> or algo.start_from=base")
-    for key in ("adapter", "sft_adapter"):
-        adapter = cfg.model[key]
-        if adapter and (key == "adapter" or (start == "sft" and not cfg.model.adapter)):  # adapter wins
-            check((Path(str(adapter)) / "adapter_config.json").exists(),
-                  f"model.{key}={adapter}: no adapter_config.json there (a PEFT adapter directory is expected)")
+    key = "adapter" if cfg.model.adapter else "sft_adapter"
+    adapter = starting_adapter(cfg.model, start)
+    if adapter:
+        head = get_class(cfg.algo._target_).head
+        check_start_adapter(f"model.{key}={adapter}", Path(str(adapter)), cfg.model, cfg.peft, head)
 
     model_config = load_model_config(cfg.model)
     if p.method != "none":
