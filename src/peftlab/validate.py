@@ -10,9 +10,10 @@ import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from peftlab.adapters import PEFT_METHODS, effective_alpha, resolve_targets
+from peftlab.adapters import effective_alpha, resolve_targets
 from peftlab.errors import ConfigError
 from peftlab.models import same_checkpoint, starting_adapter
+from peftlab.schema import check_known_keys, check_values
 from peftlab.tracking import check_wandb_online
 
 
@@ -106,16 +107,10 @@ def validate(cfg, device: torch.device) -> None:
     check_wandb_online(cfg.logger)  # before anything slow: an online run without a login stops within seconds
     missing = OmegaConf.missing_keys(cfg)
     check(not missing, f"required key(s) not set: {sorted(missing)} (pass them as key=value)")
+    check_known_keys(cfg)
+    check_values(cfg)
 
     t = cfg.trainer
-    check(int(t.max_steps) > 0, f"trainer.max_steps={t.max_steps} must be > 0")
-    check(int(t.batch_size) > 0, f"trainer.batch_size={t.batch_size} must be > 0")
-    check(int(t.grad_accum) > 0, f"trainer.grad_accum={t.grad_accum} must be > 0")
-    check(float(t.lr) > 0, f"trainer.lr={t.lr} must be > 0")
-    check(0 <= float(t.warmup_ratio) < 1, f"trainer.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
-    check(t.precision in ("auto", "fp32", "bf16"), f"trainer.precision={t.precision}: use auto, fp32 or bf16")
-    check(t.on_nonfinite in ("stop", "skip"), f"trainer.on_nonfinite={t.on_nonfinite}: use stop or skip")
-    check(int(t.max_skipped_steps) >= 0, f"trainer.max_skipped_steps={t.max_skipped_steps} must be >= 0")
     check(not (t.on_nonfinite == "skip" and cfg.dist.strategy == "deepspeed"),
           "trainer.on_nonfinite=skip is not supported under DeepSpeed (its optimizer steps inside the backward "
           "pass): use trainer.on_nonfinite=stop, or dist=ddp")
@@ -125,20 +120,11 @@ def validate(cfg, device: torch.device) -> None:
         check(Path(str(t.resume)).expanduser().exists(), f"trainer.resume={t.resume}: no such run or checkpoint directory")
 
     p = cfg.peft
-    check(p.method in PEFT_METHODS, f"peft.method={p.method}: choose one of {', '.join(PEFT_METHODS)}")
-    if p.method != "none":
-        check(isinstance(p.r, int) and p.r > 0, f"peft.r={p.r} must be a positive integer (the adapter rank)")
-        check(float(p.alpha) > 0, f"peft.alpha={p.alpha} must be > 0")
-        check(p.alpha_ratio is None or float(p.alpha_ratio) > 0,
-              f"peft.alpha_ratio={p.alpha_ratio} must be > 0 (null = use peft.alpha)")
-        check(0 <= float(p.dropout) < 1, f"peft.dropout={p.dropout} must be in [0, 1)")
     if p.method != "none" and p.quantize:
-        check(p.quantize in ("nf4", "fp4", "int8"), f"peft.quantize={p.quantize}: use nf4, fp4 or int8")
         problem = bitsandbytes_problem(device)
         check(problem is None, f"peft={p.method} (peft.quantize={p.quantize}) cannot run here: {problem}; use peft=lora")
 
     start = cfg.algo.start_from
-    check(start in ("base", "sft"), f"algo.start_from={start}: use base or sft")
     if start == "sft" and not cfg.model.adapter:
         check(bool(cfg.model.sft_adapter),
               f"algo.start_from=sft but model {cfg.model.name_or_path} has no sft_adapter: "
