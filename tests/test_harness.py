@@ -215,6 +215,26 @@ def test_generation_scores_what_eval_toy_scores(tokenizer):
     assert ours > 0
 
 
+def test_a_qlora_policy_trains_exactly_after_evaluation():
+    """lm-eval's no-grad eval-mode forwards are what makes bitsandbytes repack 4-bit CPU weights for a kernel with no
+    backward (PLATFORM.md); the policy as built for training must keep exact LoRA gradients through them."""
+    from conftest import live_policy
+
+    _, tokenizer, policy = live_policy(["peft=qlora"])
+    batch = torch.tensor([tokenizer.encode("Add 3 and 4. 3 + 4 = 7. The answer is 7.")])
+
+    def lora_gradients():
+        policy.zero_grad()
+        policy(input_ids=batch, labels=batch).loss.backward()
+        return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+    before = lora_gradients()
+    run_tasks(policy, tokenizer, [TOY_ARITH, TOY_ARITH_GEN], limit=2, apply_chat_template=True)
+    after = lora_gradients()
+    assert before and before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_ddp_wrapper_is_unwrapped(tmp_path):
     import torch.distributed as dist
 
