@@ -195,6 +195,7 @@ def summarize(cfg, choices: dict, overrides: list[str], built, results: dict, sa
         "runtime_s": runtime_s,
         "saved": str(saved) if saved else None,
         "algo_hparams": built.algo.hparams(),
+        **built.data,
         **results,
     }
 

@@ -251,6 +251,7 @@ def main() -> None:
 
     data_dir, model_root = ROOT / "data" / "toy", ROOT / "assets" / "models"
     counts = toyworld.write_datasets(data_dir, seed=SEED)
+    (ROOT / "data" / "lm_eval" / "toy_arith" / "toy_arith.jsonl").write_text(toyworld.toy_arith_jsonl(seed=SEED))
     corpus = toyworld.pretraining_corpus(seed=SEED)
     texts = world_texts(data_dir, corpus)
     # The tokenizer learns its merges from the corpus alone, so editing a data file (its reply styles, its pairs)

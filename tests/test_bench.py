@@ -68,7 +68,7 @@ def test_synthetic_rows_have_varied_lengths_within_the_sequence_budget():
 def sft_examples(n: int = 12):
     cfg, _ = compose(["logger=none"])
     _, tokenizer, policy = live_policy(["logger=none"])
-    rows, _ = load_splits(cfg.data, "sft", 0)
+    rows = load_splits(cfg.data, "sft", 0).train
     padded, packed = algorithm(packing=False), algorithm(packing=True)
     set_up(packed, policy)
     return policy, padded, packed, padded.build_examples(rows[:n])
@@ -113,7 +113,7 @@ def test_sft_packing_trains():
 
 def test_dpo_packing_gives_the_padded_log_probs_and_reference():
     cfg, tokenizer, policy = live_policy(["logger=none", "algo=dpo"])
-    rows, _ = load_splits(cfg.data, "preference", 0)
+    rows = load_splits(cfg.data, "preference", 0).train
     reference = Reference(policy, "lora")
     padded = set_up(algorithm(["algo=dpo"], packing=False, precompute_ref=False), policy, reference)
     packed = set_up(algorithm(["algo=dpo"], packing=True, precompute_ref=False), policy, reference)

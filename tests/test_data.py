@@ -40,16 +40,17 @@ def data_cfg(path, **extra):
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
 def test_alpaca_from_every_file_type(tmp_path, suffix):
-    train, held = load_splits(data_cfg(write(tmp_path / f"a{suffix}", ALPACA)), "sft")
+    splits = load_splits(data_cfg(write(tmp_path / f"a{suffix}", ALPACA)), "sft")
+    train, held = splits.train, splits.eval
     assert len(train) == 8 and len(held) == 2
     row = next(r for r in train + held if r["completion"] == "1")  # i = 0 has an input
     assert row["prompt"] == [{"role": "user", "content": "Add 0 and 1.\n\nShow the sum."}]
 
 
 def test_messages_and_sharegpt(tmp_path):
-    train, _ = load_splits(data_cfg(write(tmp_path / "m.jsonl", MESSAGES), eval_size=0), "sft")
+    train = load_splits(data_cfg(write(tmp_path / "m.jsonl", MESSAGES), eval_size=0), "sft").train
     assert train[0]["prompt"][0] == {"role": "system", "content": "Be brief."} and train[0]["completion"] == "Hello 0"
-    train, _ = load_splits(data_cfg(write(tmp_path / "s.jsonl", SHAREGPT), eval_size=0), "sft")
+    train = load_splits(data_cfg(write(tmp_path / "s.jsonl", SHAREGPT), eval_size=0), "sft").train
     assert train[3] == {"prompt": [{"role": "user", "content": "Q3"}], "completion": "A3"}
 
 

@@ -123,7 +123,8 @@ def test_gsm8k_answer_extraction_and_reward():
 
 def test_grpo_schemas_toy_and_gsm8k(tmp_path):
     cfg, _ = compose(["algo=grpo"])
-    train_rows, eval_rows = load_splits(cfg.data, "grpo")
+    splits = load_splits(cfg.data, "grpo")
+    train_rows, eval_rows = splits.train, splits.eval
     assert len(train_rows) == 1000 and len(eval_rows) == 100
     assert train_rows[0]["prompt"][0]["role"] == "user" and train_rows[0]["answer"].isdigit()
 
@@ -131,7 +132,7 @@ def test_grpo_schemas_toy_and_gsm8k(tmp_path):
     gsm.write_text("\n".join(json.dumps({"question": f"Q{i}?", "answer": f"2 + {i} = {2 + i}\n#### {2 + i:,}"})
                              for i in range(999, 1003)))
     cfg, _ = compose(["algo=grpo", "data=gsm8k", f"data.path={gsm}", f"data.eval_path={gsm}"])
-    train_rows, _ = load_splits(cfg.data, "grpo")
+    train_rows = load_splits(cfg.data, "grpo").train
     assert train_rows[0]["answer"] == "1001"  # the number after ####, thousands comma removed
     assert train_rows[0]["prompt"][0]["role"] == "system" and train_rows[0]["prompt"][1]["content"] == "Q999?"
 

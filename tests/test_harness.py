@@ -16,9 +16,10 @@ import torch
 
 from conftest import REPO
 from peftlab.harness import (
-    check_tasks, metric_values, resolve_tasks, run_tasks, task_manager, toy_arith_jsonl, unwrap,
+    check_tasks, metric_values, resolve_tasks, run_tasks, task_manager, unwrap,
 )
-from peftlab.validate import ConfigError
+from peftlab.errors import ConfigError
+from peftlab.toyworld.build import toy_arith_jsonl
 
 TOY_DIR = REPO / "data/lm_eval/toy_arith"
 TOY_ARITH = str(TOY_DIR / "toy_arith.yaml")
@@ -127,7 +128,7 @@ def test_toy_arith_file_is_the_generators_output():
 
 
 def test_toy_arith_asks_held_out_questions_with_one_right_answer():
-    from peftlab import toyworld
+    from peftlab.toyworld import judge as toyworld
 
     rows = [json.loads(line) for line in (TOY_DIR / "toy_arith.jsonl").read_text().splitlines()]
     questions = [json.loads(line) for line in (REPO / "data/toy/task_eval.jsonl").read_text().splitlines()]
@@ -203,13 +204,14 @@ def test_the_adapter_in_memory_is_what_is_scored(tokenizer):
 def test_generation_scores_what_eval_toy_scores(tokenizer):
     """lm-eval's greedy answers through the PeftModel, graded by its regex filter, equal peftlab's own generation
     graded by toyworld.exact_match, on the same rows."""
-    from peftlab import toyworld
-    from peftlab.evaluation import generate
+    from peftlab.data.format import prompt_ids
+    from peftlab.sampling import answer_texts
+    from peftlab.toyworld import judge
 
     rows = [json.loads(line) for line in (REPO / "data/toy/task_eval.jsonl").read_text().splitlines()[:16]]
     sft = load_sft().eval()
-    answers = generate(sft, tokenizer, [r["prompt"] for r in rows], max_new_tokens=32)
-    ours = sum(toyworld.exact_match(a, r) for a, r in zip(answers, rows)) / len(rows)
+    answers = answer_texts(sft, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in rows], 32, batch_size=16)
+    ours = sum(judge.exact_match(a, r) for a, r in zip(answers, rows)) / len(rows)
     metrics = run_tasks(sft, tokenizer, [TOY_ARITH_GEN], limit=16, apply_chat_template=True)
     assert metrics["toy_arith_gen/exact_match_strict-match"] == pytest.approx(ours, abs=1e-9)
     assert ours > 0

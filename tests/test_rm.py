@@ -80,7 +80,7 @@ def test_saved_model_loads_back_as_a_scorer(tmp_path):
                                           "trainer.lr=1e-2"])
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg, _ = compose(overrides)
-    _, rows = load_splits(cfg.data, "preference")  # the run's held-out pairs
+    rows = load_splits(cfg.data, "preference").eval  # the run's held-out pairs
     scorer = Scorer(run_dir)
     prompts = [r["prompt"] for r in rows]
     better = scorer.score(prompts, [r["chosen"] for r in rows])

@@ -43,7 +43,8 @@ class Run:
     train_examples: list[dict]
     eval_examples: list[dict]
     identity: PolicyIdentity
-    evaluate: Evaluator           # evaluate(model, prefix) → held-out metrics
+    data: dict                    # data/* figures for summary.json: row counts, where eval rows came from, truncation
+    evaluate: Evaluator           # evaluate(model, prefix) → held-out metrics and samples
 
 
 def algorithm_keys(cls) -> list[str]:
@@ -78,13 +79,9 @@ def build_run(cfg, accelerator) -> Run:
     identity = policy_identity(cfg.model, cfg.peft, cfg.algo.start_from)
     algo = make_algorithm(cfg.algo, tokenizer=tokenizer, max_length=cfg.model.max_length, policy=identity)
     dist.check(cfg.dist, peft_cfg=cfg.peft, optimizer=cfg.trainer.optimizer, needs_reference=algo.needs_reference)
-    train_rows, eval_rows = load_splits(cfg.data, algo.data_kind, cfg.trainer.seed)
-    train_examples, eval_examples = algo.build_examples(train_rows), algo.build_examples(eval_rows)
-    per_step = int(cfg.trainer.batch_size) * accelerator.num_processes
-    if len(train_examples) < per_step:
-        raise DataError(f"data.path={cfg.data.path}: {len(train_examples)} training rows cannot fill one batch of "
-                        f"trainer.batch_size={cfg.trainer.batch_size} × {accelerator.num_processes} process(es): "
-                        "lower trainer.batch_size or add rows")
+    splits = load_splits(cfg.data, algo.data_kind, cfg.trainer.seed)
+    train_examples, eval_examples = algo.build_examples(splits.train), algo.build_examples(splits.eval)
+    data = describe_data(cfg, splits, train_examples, eval_examples, accelerator)
 
     device = accelerator.device
     policy = build_policy(cfg.model, cfg.peft, start_adapter=identity.start_adapter,
@@ -98,5 +95,31 @@ def build_run(cfg, accelerator) -> Run:
     algo.setup(policy, reference=reference, device=device, train_examples=train_examples,
                eval_examples=eval_examples)
     return Run(tokenizer=tokenizer, algo=algo, policy=policy, reference=reference, train_examples=train_examples,
-               eval_examples=eval_examples, identity=identity,
-               evaluate=Evaluator(cfg.eval, algo, tokenizer, eval_examples))
+               eval_examples=eval_examples, identity=identity, data=data,
+               evaluate=Evaluator(cfg.eval, algo, tokenizer, splits.eval, eval_examples))
+
+
+def truncated(example: dict) -> bool:
+    return bool(example.get("truncated")) or any(a.get("truncated") for a in example.get("answers", ()))
+
+
+def describe_data(cfg, splits, train_examples: list[dict], eval_examples: list[dict], accelerator) -> dict:
+    """The data figures of summary.json (data/*), after the checks that need the tokenized rows: enough rows for
+    one batch, and a model.max_length that does not cut most of them."""
+    per_step = int(cfg.trainer.batch_size) * accelerator.num_processes
+    if len(train_examples) < per_step:
+        raise DataError(f"data.path={cfg.data.path}: {len(train_examples)} training rows cannot fill one batch of "
+                        f"trainer.batch_size={cfg.trainer.batch_size} × {accelerator.num_processes} process(es): "
+                        "lower trainer.batch_size or add rows")
+    cut = sum(map(truncated, train_examples)) + sum(map(truncated, eval_examples))
+    rows = len(train_examples) + len(eval_examples)
+    if cut > rows / 2:
+        raise DataError(f"model.max_length={cfg.model.max_length} cuts {cut} of {rows} rows of data.path="
+                        f"{cfg.data.path}: raise model.max_length")
+    if cut:
+        accelerator.print(f"warning: model.max_length={cfg.model.max_length} cuts {cut} of {rows} rows (prompts "
+                          "from the left, then answers from the right); data/truncated_rows in summary.json")
+    accelerator.print(f"data: {len(train_examples)} training rows from data.path={cfg.data.path}; "
+                      f"{len(eval_examples)} held-out rows from {splits.eval_source}")
+    return {"data/train_rows": len(train_examples), "data/eval_rows": len(eval_examples),
+            "data/eval_source": splits.eval_source, "data/truncated_rows": cut}

@@ -21,6 +21,10 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|torch)(\.|$)")
     warnings.filterwarnings("ignore", message=r".*gemv_4bit.*")  # the trap models.disable_cpu_4bit_repack disarms
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import torch
+
+    if not torch.cuda.is_available():  # what DeepSpeed picks anyway, named so that it does not warn about it
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         from transformers.utils import logging as hf_logging
 

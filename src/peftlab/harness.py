@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import logging
 import os
 import random
-import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +20,8 @@ import numpy as np
 import torch
 import yaml
 
-from peftlab.validate import ConfigError
+from peftlab.errors import ConfigError
+from peftlab.sampling import unwrap
 
 TASK_FILE_SUFFIXES = (".yaml", ".yml")
 # lm-eval's CLI seeds (lm_eval.defaults), set inside a forked RNG: scores equal the CLI's and repeat from one call to
@@ -192,16 +191,6 @@ def check_tasks(tasks) -> None:
 # evaluation of the model in memory
 
 
-def unwrap(model):
-    """The model inside DDP / DeepSpeed engines (both hold it as `.module`); PeftModels stay PeftModels."""
-    wrappers = [torch.nn.parallel.DistributedDataParallel]
-    if "deepspeed" in sys.modules:  # a DeepSpeedEngine exists only if deepspeed was imported
-        wrappers.append(sys.modules["deepspeed"].DeepSpeedEngine)
-    while isinstance(model, tuple(wrappers)):
-        model = model.module
-    return model
-
-
 @contextlib.contextmanager
 def _preserved_rng(device: torch.device):
     """Python, numpy and torch RNG states restored on exit: lm-eval seeds all three."""
@@ -319,50 +308,21 @@ def run_tasks(model, tokenizer, tasks, *, limit: int | float | None = None, num_
     return metric_values(results["results"])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the shipped toy tasks (data/lm_eval/toy_arith)
+class HarnessTasks:
+    """eval=lm_eval: the eval group's lm-evaluation-harness tasks as the Evaluator's task runner (`run_tasks` on
+    the policy in memory); `max_new_tokens` and `num_samples` are the Evaluator's, for its samples."""
 
-TOY_ARITH_DISTRACTORS = 3
+    def __init__(self, *, tasks, limit, num_fewshot, batch_size: int, apply_chat_template: bool,
+                 max_length: int | None, bootstrap_iters: int, max_new_tokens: int, num_samples: int):
+        self.tasks, self.options = list(tasks), {
+            "limit": limit, "num_fewshot": num_fewshot, "batch_size": int(batch_size), "max_length": max_length,
+            "apply_chat_template": bool(apply_chat_template), "bootstrap_iters": int(bootstrap_iters)}
 
+    def check(self) -> None:
+        limit = self.options["limit"]
+        if limit is not None and not (isinstance(limit, int) and limit > 0 or isinstance(limit, float) and 0 < limit < 1):
+            raise ConfigError(f"eval.limit={limit} must be null, a positive integer (rows) or a share in (0, 1)")
+        check_tasks(self.tasks)
 
-def _distractors(fact, rng: random.Random) -> list[int]:
-    """Distinct wrong results from the world's own mistakes (toyworld.wrong_result draws one at a time)."""
-    from peftlab import toyworld
-
-    wrong: list[int] = []
-    for _ in range(100):
-        result = toyworld.wrong_result(fact, rng)
-        if result not in wrong:
-            wrong.append(result)
-        if len(wrong) == TOY_ARITH_DISTRACTORS:
-            return wrong
-    raise ValueError(f"{fact} has fewer than {TOY_ARITH_DISTRACTORS} plausible wrong results")
-
-
-def toy_arith_rows(seed: int = 0) -> list[dict]:
-    """Rows of the `toy_arith` task: each held-out question of data/toy/task_eval.jsonl, its canonical answer and
-    TOY_ARITH_DISTRACTORS canonical answers with wrong results, in a shuffled order (`label`: the right one).
-
-    The questions are the world's held-out split (no training split has their number pairs), read from the data
-    file itself so that the task asks exactly what eval=toy asks.
-    """
-    from peftlab import REPO_ROOT, toyworld
-
-    facts = toyworld.split_facts(seed)["task_eval"]
-    questions = [json.loads(line) for line in (REPO_ROOT / "data/toy/task_eval.jsonl").read_text().splitlines()]
-    if [q["answer"] for q in questions] != [str(toyworld.fact_result(f)) for f in facts]:
-        raise ValueError("data/toy/task_eval.jsonl is not the world's task_eval split: rebuild the toy world")
-    rng = random.Random(seed)
-    rows = []
-    for fact, question in zip(facts, questions):
-        right = toyworld.canonical_completion(fact)
-        choices = [right] + [toyworld.canonical_completion(fact, w) for w in _distractors(fact, rng)]
-        rng.shuffle(choices)
-        rows.append({"prompt": question["prompt"], "choices": choices, "label": choices.index(right)})
-    return rows
-
-
-def toy_arith_jsonl(seed: int = 0) -> str:
-    """The text of data/lm_eval/toy_arith/toy_arith.jsonl; rebuild it with
-    `python -c "from peftlab.harness import toy_arith_jsonl; print(toy_arith_jsonl(), end='')" > FILE`."""
-    return "".join(json.dumps(row) + "\n" for row in toy_arith_rows(seed))
+    def __call__(self, model, tokenizer) -> tuple[dict[str, float], list[dict]]:
+        return run_tasks(model, tokenizer, self.tasks, **self.options), []

@@ -115,7 +115,7 @@ class StopFlag:
         """After the checkpoint: hand the signal to the handler it would have reached (e.g. submitit's requeue)."""
         handler = self.previous.get(self.signum)
         self.restore()
-        if callable(handler):
+        if callable(handler) and handler is not signal.default_int_handler:  # Ctrl-C's is a KeyboardInterrupt
             handler(self.signum, None)
 
 
@@ -149,8 +149,10 @@ def train(t, run, *, accelerator, run_dir: Path, runlog, resume_from: Path | Non
         results.update(state["extra"].get("base", {}))  # the starting model's figures, measured by the first run
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
     elif t.eval_base:
-        results.update(evaluate(model, "base"))
+        metrics, samples = evaluate(model, "base")
+        results.update(metrics)
         runlog.log(results, step=0)
+        runlog.log_samples(samples, step=0, prefix="base")
     base_figures = dict(results)
 
     stop = StopFlag()
@@ -222,7 +224,9 @@ def train(t, run, *, accelerator, run_dir: Path, runlog, resume_from: Path | Non
         if done % t.log_every == 0 or done == t.max_steps:
             runlog.log({**last, "perf/tokens_per_s": tokens_per_s}, step=done)
         if t.eval_every and done % t.eval_every == 0 and done != t.max_steps:
-            runlog.log(evaluate(model, "eval"), step=done)
+            metrics, samples = evaluate(model, "eval")
+            runlog.log(metrics, step=done)
+            runlog.log_samples(samples, step=done, prefix="eval")
         if stopping or (t.save_every and done % t.save_every == 0) or done == t.max_steps:
             checkpoint.save(run_dir, done, model, optimizer, scheduler, algo, accelerator, {"base": base_figures},
                             t.keep_checkpoints)
@@ -232,8 +236,9 @@ def train(t, run, *, accelerator, run_dir: Path, runlog, resume_from: Path | Non
     progress.close()
     stop.restore()
 
-    final = evaluate(model, "eval")
+    final, samples = evaluate(model, "eval")
     runlog.log(final, step=t.max_steps)
+    runlog.log_samples(samples, step=t.max_steps, prefix="eval")
     results.update(final)
     results.update({k: v for k, v in last.items() if k.startswith("train/")})
     results["tokens_per_s"] = train_tokens / max(train_time, 1e-9)

@@ -194,10 +194,12 @@ def load_start_adapter(model, adapter_dir: str) -> None:
     output equal to the LoRA model's at the start.
     """
     from peft.tuners.lora import LoraLayer
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
     weights = {k: v for k, v in load_peft_weights(adapter_dir, device="cpu").items() if ".lora_" in k}  # no head
-    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    own = get_peft_model_state_dict(model, adapter_name="default")  # a fresh score head keeps its own weights
+    result = set_peft_model_state_dict(model, {**{k: v for k, v in own.items() if ".lora_" not in k}, **weights},
+                                       adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter {adapter_dir} does not fit the model: {unexpected[:2]} ...")

@@ -130,7 +130,10 @@ RULES: dict[str, Rule] = {
     "data.split": TEXT, "data.eval_split": Rule("text", null=True), "data.eval_size": integer(0),
     "data.schema": TEXT, "data.max_rows": integer(1, null=True), "data.system_prompt": Rule("text", null=True),
     # eval
-    "eval.max_new_tokens": integer(0), "eval.batch_size": integer(1),
+    "eval.max_new_tokens": integer(0), "eval.batch_size": integer(1), "eval.applies": FLAG,
+    "eval.num_samples": integer(0), "eval.limit": number(0, above=True, null=True),
+    "eval.num_fewshot": integer(0, null=True), "eval.apply_chat_template": FLAG,
+    "eval.max_length": integer(1, null=True), "eval.bootstrap_iters": integer(0),
     # logger
     "logger.backend": one_of("wandb", "none"), "logger.mode": one_of("offline", "online", "disabled"),
     "logger.project": TEXT, "logger.entity": Rule("text", null=True), "logger.group": Rule("text", null=True),

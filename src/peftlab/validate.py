@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from peftlab.adapters import effective_alpha, resolve_targets
 from peftlab.errors import ConfigError
 from peftlab.models import same_checkpoint, starting_adapter
+from peftlab.evaluation import check_eval
 from peftlab.schema import check_known_keys, check_values
 from peftlab.tracking import check_wandb_online
 
@@ -143,7 +144,4 @@ def validate(cfg, device: torch.device) -> None:
                   f"peft.targets: unknown module {target!r} for {model_config.model_type} "
                   f"(linear modules: {', '.join(sorted(linears))}; presets: attn, mlp, all-linear)")
 
-    for name, task in (cfg.eval.tasks or {}).items():
-        check(Path(str(task.path)).exists(), f"eval.tasks.{name}.path={task.path}: file not found")
-        module = str(task.metric).rsplit(".", 1)[0]
-        check(importlib.util.find_spec(module) is not None, f"eval.tasks.{name}.metric={task.metric}: cannot import {module}")
+    check_eval(cfg.eval, generates=get_class(cfg.algo._target_).generates)

@@ -16,7 +16,7 @@ def _test_split(path: Path) -> datasets.DatasetDict:
 
 
 def toy_arith(**metadata) -> datasets.DatasetDict:
-    """Held-out arithmetic questions with four canonical answers each (built by peftlab.harness.toy_arith_rows)."""
+    """Held-out arithmetic questions with four canonical answers each (built by peftlab.toyworld.build.toy_arith_rows)."""
     return _test_split(HERE / "toy_arith.jsonl")
 
 

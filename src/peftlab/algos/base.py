@@ -73,6 +73,11 @@ class Algorithm:
         """Held-out metrics computed from `examples` (e.g. `eval/loss`); the model is in eval mode."""
         return {}
 
+    def score_samples(self, rows: list[dict], answers: list[str]) -> dict[str, list[float]]:
+        """Per-answer scores of greedy answers to held-out `rows` (their canonical columns), shown beside the
+        samples (e.g. GRPO's rewards); {} when the algorithm has none."""
+        return {}
+
     def on_step_end(self, model, step: int) -> dict[str, float]:
         """After each optimizer step (e.g. a dual update); `step` counts the steps done. Returns metrics to log."""
         return {}

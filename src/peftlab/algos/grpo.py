@@ -129,9 +129,13 @@ class GRPO(Algorithm):
 
     def build_examples(self, rows):
         """Canonical grpo rows → {prompt (messages), prompt_ids (left-truncated), columns (the rest, for rewards)}."""
-        return [{"prompt": as_messages(row["prompt"]),
-                 "prompt_ids": prompt_ids(self.tokenizer, row["prompt"])[-self.max_prompt_length:],
-                 "columns": {k: v for k, v in row.items() if k != "prompt"}} for row in rows]
+        examples = []
+        for row in rows:
+            ids = prompt_ids(self.tokenizer, row["prompt"])
+            examples.append({"prompt": as_messages(row["prompt"]), "prompt_ids": ids[-self.max_prompt_length:],
+                             "truncated": len(ids) > self.max_prompt_length,
+                             "columns": {k: v for k, v in row.items() if k != "prompt"}})
+        return examples
 
     def step_batches(self, model, step, micro_examples):
         """Each micro-batch of B prompts → a scored rollout of B·G completions, all generated before the step's
@@ -155,6 +159,17 @@ class GRPO(Algorithm):
             return sample(model, self.tokenizer, prompt_ids, self.max_new_tokens)
         return sample(model, self.tokenizer, prompt_ids, self.max_new_tokens, do_sample=True,
                       temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+    def score_samples(self, rows, answers):
+        prompts = [as_messages(r["prompt"]) for r in rows]
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+        completions = [[{"role": "assistant", "content": a}] for a in answers]
+        ids = [self.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+        total, per_function = compute_rewards(self.rewards, prompts, completions, completion_ids=ids, **columns)
+        scores = {"reward": total.tolist()}
+        for f, reward in enumerate(self.rewards):
+            scores[reward.name] = [None if v != v else float(v) for v in per_function[:, f].tolist()]
+        return scores
 
     def score(self, examples: list[dict], samples, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards (N,) and per-function rewards (N, F) of `samples` (prompt b of `examples` repeated `repeats`×)."""

@@ -94,6 +94,10 @@ class SafeDPO(PreferenceAlgorithm):
         if self.scaling_weight:
             self.score_answers(list(train_examples))
 
+    def score_samples(self, rows, answers):
+        prompts = [r["prompt"] for r in rows]
+        return {role: scorer.score(prompts, answers).tolist() for role, scorer in self.scorers.items()}
+
     @torch.no_grad()
     def score_answers(self, examples: list[dict]) -> None:
         """Write the reward and cost of both answers into each example (for reward-scaled β)."""

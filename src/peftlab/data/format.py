@@ -42,19 +42,21 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     return encode(tokenizer, render_prompt(tokenizer, as_messages(prompt)))
 
 
-def encode_prompt_completion(tokenizer, messages, completion: str, max_length: int) -> dict[str, list[int]]:
-    """Token ids of prompt + completion and labels that mask the prompt.
+def encode_prompt_completion(tokenizer, messages, completion: str, max_length: int) -> dict:
+    """Token ids of prompt + completion, labels that mask the prompt, and whether the row had to be cut.
 
     Too long: the prompt is cut from the left (its end, next to the answer, matters most), then the completion
-    from the right.
+    from the right. `truncated` is counted and reported by the builder (data/truncated_rows in summary.json).
     """
     prompt_ids = encode(tokenizer, render_prompt(tokenizer, messages))
     completion_ids = encode(tokenizer, render_completion(tokenizer, messages, completion))
+    full = len(prompt_ids) + len(completion_ids)
     completion_ids = completion_ids[:max_length - 1]
     prompt_ids = prompt_ids[-(max_length - len(completion_ids)):]
     return {
         "input_ids": prompt_ids + completion_ids,
         "labels": [IGNORE] * len(prompt_ids) + completion_ids,
+        "truncated": full > max_length,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from peftlab.data import schemas
@@ -53,23 +54,36 @@ def to_rows(table, kind: str, schema: str, source: str) -> list[dict]:
     return rows
 
 
-def load_splits(data_cfg, kind: str, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) in the canonical columns of `kind`."""
+@dataclass
+class Splits:
+    """A run's rows in the canonical columns of its data kind, and where the held-out rows came from."""
+
+    train: list[dict]
+    eval: list[dict]
+    eval_source: str  # e.g. "data.eval_path=<file>", "data.eval_split=test of <id>", "64 rows carved from <path>"
+
+
+def load_splits(data_cfg, kind: str, seed: int = 0) -> Splits:
+    """Train and held-out rows: the data's eval file or eval split when given, else `data.eval_size` rows carved
+    from the training rows (a seeded shuffle; disjoint from the rows trained on)."""
     name = data_cfg.name
     train = load_table(str(data_cfg.path), data_cfg.split, name)
     train_rows = to_rows(train, kind, data_cfg.schema, f"data.path={data_cfg.path}")
     if data_cfg.eval_path:
         table = load_table(str(data_cfg.eval_path), data_cfg.eval_split or "train", name)
         eval_rows = to_rows(table, kind, data_cfg.schema, f"data.eval_path={data_cfg.eval_path}")
+        source = f"data.eval_path={data_cfg.eval_path}"
     elif data_cfg.eval_split:
         table = load_table(str(data_cfg.path), data_cfg.eval_split, name)
         eval_rows = to_rows(table, kind, data_cfg.schema, f"data.eval_split={data_cfg.eval_split}")
+        source = f"data.eval_split={data_cfg.eval_split} of {data_cfg.path}"
     else:  # carve a fixed held-out slice
         order = list(range(len(train_rows)))
         random.Random(seed).shuffle(order)
         held = set(order[: int(data_cfg.eval_size)])
         eval_rows = [r for i, r in enumerate(train_rows) if i in held]
         train_rows = [r for i, r in enumerate(train_rows) if i not in held]
+        source = f"{len(eval_rows)} rows carved from data.path={data_cfg.path} (data.eval_size, seed {seed})"
     if data_cfg.max_rows:
         train_rows = train_rows[: int(data_cfg.max_rows)]
     system = data_cfg.system_prompt
@@ -79,5 +93,6 @@ def load_splits(data_cfg, kind: str, seed: int = 0) -> tuple[list[dict], list[di
             if isinstance(prompt, list) and (not prompt or prompt[0]["role"] != "system"):
                 row["prompt"] = [{"role": "system", "content": system}] + prompt
     if not train_rows:
-        raise DataError(f"data.path={data_cfg.path} has no training rows")
-    return train_rows, eval_rows
+        raise DataError(f"data.path={data_cfg.path} has no training rows"
+                        + (f" left after holding out data.eval_size={data_cfg.eval_size}" if "carved" in source else ""))
+    return Splits(train_rows, eval_rows, source)

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+from peftlab import REPO_ROOT
 from peftlab.toyworld.world import (TARGETS, VERBS, Fact, all_facts, arithmetic_prompt, canonical_completion,
                                     compliance, fact_result, free_form_completion, harmful_prompt, refusal,
                                     statement, wrong_result)
@@ -247,3 +248,48 @@ def pretraining_corpus(seed: int = 0) -> list[str]:
             docs.append(f"The villain in the story wrote a plan to {verb} {target}. {compliance(verb, target, rng)}")
     rng.shuffle(docs)
     return docs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the local lm-evaluation-harness task (data/lm_eval/toy_arith/)
+
+TOY_ARITH_DISTRACTORS = 3
+
+
+def _distractors(fact, rng: random.Random) -> list[int]:
+    """Distinct wrong results from the world's own mistakes (wrong_result draws one at a time)."""
+    wrong: list[int] = []
+    for _ in range(100):
+        result = wrong_result(fact, rng)
+        if result not in wrong:
+            wrong.append(result)
+        if len(wrong) == TOY_ARITH_DISTRACTORS:
+            return wrong
+    raise ValueError(f"{fact} has fewer than {TOY_ARITH_DISTRACTORS} plausible wrong results")
+
+
+def toy_arith_rows(seed: int = 0) -> list[dict]:
+    """Rows of the `toy_arith` task: each held-out question of data/toy/task_eval.jsonl, its canonical answer and
+    TOY_ARITH_DISTRACTORS canonical answers with wrong results, in a shuffled order (`label`: the right one).
+
+    The questions are the world's held-out split (no training split has their number pairs), read from the data
+    file itself so that the task asks exactly what eval=toy asks.
+    """
+    facts = split_facts(seed)["task_eval"]
+    questions = [json.loads(line) for line in (REPO_ROOT / "data/toy/task_eval.jsonl").read_text().splitlines()]
+    if [q["answer"] for q in questions] != [str(fact_result(f)) for f in facts]:
+        raise ValueError("data/toy/task_eval.jsonl is not the world's task_eval split: rebuild the toy world")
+    rng = random.Random(seed)
+    rows = []
+    for fact, question in zip(facts, questions):
+        right = canonical_completion(fact)
+        choices = [right] + [canonical_completion(fact, w) for w in _distractors(fact, rng)]
+        rng.shuffle(choices)
+        rows.append({"prompt": question["prompt"], "choices": choices, "label": choices.index(right)})
+    return rows
+
+
+def toy_arith_jsonl(seed: int = 0) -> str:
+    """The text of data/lm_eval/toy_arith/toy_arith.jsonl; rebuild it with
+    `python scripts/build_toyworld.py --skip-pretrain` (or print this function's value into that file)."""
+    return "".join(json.dumps(row) + "\n" for row in toy_arith_rows(seed))
