@@ -15,14 +15,22 @@ log π(y|x)), never means.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "token_logprobs",
+    "next_token_entropy",
+    "chunked_token_logprobs",
+    "auto_chunk_size",
     "sequence_logps",
+    "packed_sequence_logps",
+    "packed_sequence_sums",
     "sft_loss",
+    "sft_loss_from_logps",
     "dpo_loss",
     "bradley_terry_loss",
     "cost_loss",
@@ -78,6 +86,169 @@ def token_logprobs(
     return logps, mask
 
 
+def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each next-token distribution: H = logsumexp(z) − Σ_v softmax(z)_v · z_v (the same as
+    −Σ p log p, without a log-softmax copy).
+
+    Args:
+        logits: (..., V) scores, already divided by any sampling temperature (any float dtype).
+
+    Returns:
+        (...) float32 (float64 for float64 logits), with no gradient.
+    """
+    with torch.no_grad():
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+
+
+class _SelectedLogSoftmax(torch.autograd.Function):
+    """log_softmax(z)[y] per row, whose backward builds its (n, V) gradient in one buffer.
+
+    Autograd's gather − logsumexp backward makes several (n, V) temporaries (the exp's operands, the gather's
+    zero-filled scatter, their sum); here the gradient g·(onehot(y) − softmax(z)) is formed in place in the one
+    buffer that exp(z − lse) needs anyway. Under a checkpoint the saved ``z`` is the recomputed chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets):  # (n, V), (n,) → (n,)
+        log_normalizer = torch.logsumexp(logits, dim=-1)  # (n,)
+        ctx.save_for_backward(logits, targets, log_normalizer)
+        return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - log_normalizer
+
+    @staticmethod
+    def backward(ctx, grad_output):  # (n,) → (n, V)
+        logits, targets, log_normalizer = ctx.saved_tensors
+        grad = torch.sub(logits, log_normalizer.unsqueeze(-1)).exp_()  # softmax
+        grad.mul_(-grad_output.unsqueeze(-1))
+        grad.scatter_add_(-1, targets.unsqueeze(-1), grad_output.unsqueeze(-1))
+        return grad, None
+
+
+def _label_logprobs_of_rows(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk of `chunked_token_logprobs`: rows (n, H), targets (n,) → log-probs (n,) and entropy (n,) or None.
+
+    The log-probs come first and the entropy last, so that a non-reentrant checkpoint's recomputation, which stops
+    once every tensor saved for backward is back, never redoes the entropy.
+    """
+    logits = head(rows)  # (n, V)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = _SelectedLogSoftmax.apply(logits, targets)  # (n,)
+    entropy = next_token_entropy(logits.detach()) if with_entropy else None  # (n,)
+    return logps, entropy
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    chunk_size: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs(head(hidden) / temperature, labels)` without ever holding the (B, T, V) logits.
+
+    Only the N positions whose next label is not ``ignore_index`` are projected through the head (prompt and padding
+    positions get no logits at all), ``chunk_size`` of them at a time. With gradients enabled each chunk runs under a
+    non-reentrant ``torch.utils.checkpoint``: forward keeps only the chunk's (n, H) rows and its (n,) outputs, and
+    backward recomputes that chunk's logits before differentiating them, forming their gradient in one buffer
+    (`_SelectedLogSoftmax`). So one chunk's (chunk_size, V) float32 logits, and in backward their gradient, are
+    all that is alive of the logits at any time, for the cost of one more head projection of the selected positions.
+
+    This is the token-dimension chunking of Liger's fused linear cross-entropy. Unlike Liger and TRL's fused LM
+    head, which read ``lm_head.weight`` directly (Liger also computes the weight's gradient inside the forward), the
+    head here is called as a module, so a LoRA/DoRA-wrapped or trainable head and tied embeddings get their
+    gradients by ordinary autograd, and per-token outputs (DPO sums, GRPO ratios) take any upstream gradient.
+
+    Args:
+        hidden: (B, T, H) the head's input: the final hidden states, after the model's final norm.
+        head: a module (or callable) mapping (n, H) → (n, V) scores, e.g. the model's ``lm_head``.
+        labels: (B, T) token ids, ``ignore_index`` on prompt and padding positions; ``hidden[:, t]`` scores
+            ``labels[:, t + 1]``, as in `token_logprobs`.
+        chunk_size: positions per chunk (≥ 1); need not divide N.
+        temperature: the scores are divided by it before the softmax (GRPO's sampling temperature).
+        with_entropy: also return the entropy of each scored next-token distribution.
+        ignore_index: label value that marks positions to skip.
+
+    Returns:
+        logps: (B, T-1) float32 (float64 for a float64 head), log p(labels[:, t+1] | tokens ≤ t); 0 where masked.
+        mask: (B, T-1) bool, ``labels[:, 1:] != ignore_index``.
+        entropy: (B, T-1) float32, detached, ``next_token_entropy`` of the temperature-scaled scores; 0 where
+            masked. None unless ``with_entropy``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != ignore_index  # (B, T-1)
+    rows = hidden[:, :-1][mask]  # (N, H)
+    picked = targets[mask]  # (N,)
+
+    logps_parts, entropy_parts = [], []
+    # an empty batch still runs one (empty) chunk: the outputs stay connected to `hidden` and the head's parameters,
+    # so backward (and DDP's gradient hooks) see every parameter as usual
+    for start in range(0, max(len(rows), 1), chunk_size):
+        chunk = (head, rows[start:start + chunk_size], picked[start:start + chunk_size], temperature, with_entropy)
+        if torch.is_grad_enabled():
+            chunk_logps, chunk_entropy = checkpoint(_label_logprobs_of_rows, *chunk, use_reentrant=False)
+        else:
+            chunk_logps, chunk_entropy = _label_logprobs_of_rows(*chunk)
+        logps_parts.append(chunk_logps)
+        entropy_parts.append(chunk_entropy)
+
+    selected_logps = torch.cat(logps_parts)  # (N,)
+    logps = selected_logps.new_zeros(mask.shape).masked_scatter(mask, selected_logps)  # (B, T-1)
+    entropy = None
+    if with_entropy:
+        selected_entropy = torch.cat(entropy_parts)  # (N,)
+        entropy = selected_entropy.new_zeros(mask.shape).masked_scatter(mask, selected_entropy)  # (B, T-1)
+    return logps, mask, entropy
+
+
+DEFAULT_LOGITS_BUDGET_BYTES = 256 * 2**20
+
+
+def auto_chunk_size(vocab_size: int, num_positions: int, budget_bytes: int = DEFAULT_LOGITS_BUDGET_BYTES) -> int | None:
+    """The chunk size for `chunked_token_logprobs`, or None where the plain full-logits path should be used.
+
+    The rule, in float32 logits rows of ``4 · vocab_size`` bytes:
+
+    * None when all ``num_positions`` rows fit in ``budget_bytes`` (num_positions · 4 · V ≤ budget): small
+      vocabularies and short batches keep the one-matmul plain path and its speed;
+    * otherwise the fewest chunks of at most ``budget_bytes // (4 · V)`` rows (at least 1), balanced so that they
+      differ in size by at most one row.
+
+    The budget bounds one logits slab. The plain path holds several copies of its slab at its peak (logits, the
+    log-softmax's temporaries, their gradient); the chunked path about two (a recomputed chunk and its gradient).
+    Pass the number of positions the plain path would project (B · T, or B · logits_to_keep); the chunked path
+    projects only the labelled ones, so its chunks are at most this size.
+
+    Args:
+        vocab_size: V, the head's output width.
+        num_positions: positions whose logits the plain path would hold.
+        budget_bytes: the most bytes one logits slab may take.
+
+    Returns:
+        None, or a chunk size ≥ 1.
+    """
+    row_bytes = 4 * vocab_size
+    if num_positions * row_bytes <= budget_bytes:
+        return None
+    max_rows = max(1, budget_bytes // row_bytes)
+    num_chunks = -(-num_positions // max_rows)
+    return -(-num_positions // num_chunks)
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Summed log-probability of the label tokens of each sequence: log π(y|x) = Σ_t log π(y_t | x, y_<t).
 
@@ -107,9 +278,23 @@ def packed_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, cu_seq_len
         (S,) float32.
     """
     token_logps, _ = token_logprobs(logits, labels)  # (1, T-1): position t scores label t + 1
+    return packed_sequence_sums(token_logps, cu_seq_lens)  # (S,)
+
+
+def packed_sequence_sums(token_logps: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums of a packed row's per-token log-probs (`packed_sequence_logps` after the head).
+
+    Args:
+        token_logps: (1, T-1) as `token_logprobs` or `chunked_token_logprobs` return them: position t scores
+            label t + 1, 0 where masked.
+        cu_seq_lens: (S + 1,) start offsets of the sequences, then T.
+
+    Returns:
+        (S,) same dtype as ``token_logps``.
+    """
     lengths = cu_seq_lens.diff().long()  # (S,)
-    sequence_of = torch.repeat_interleave(torch.arange(len(lengths), device=logits.device), lengths)  # (T,)
-    sums = torch.zeros(len(lengths), dtype=token_logps.dtype, device=logits.device)
+    sequence_of = torch.repeat_interleave(torch.arange(len(lengths), device=token_logps.device), lengths)  # (T,)
+    sums = torch.zeros(len(lengths), dtype=token_logps.dtype, device=token_logps.device)
     return sums.index_add(0, sequence_of[1:], token_logps[0])  # (S,)
 
 
@@ -130,6 +315,20 @@ def sft_loss(
         num_tokens: () int64, N — for token-weighted averaging across micro-batches or ranks.
     """
     logps, mask = token_logprobs(logits, labels, ignore_index)  # (B, T-1), (B, T-1)
+    return sft_loss_from_logps(logps, mask)
+
+
+def sft_loss_from_logps(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sft_loss` from per-token log-probs (e.g. those of `chunked_token_logprobs`): −Σ logps / N.
+
+    Args:
+        logps: (B, T-1) label log-probs, 0 where masked.
+        mask: (B, T-1) bool, the label positions.
+
+    Returns:
+        loss: () scalar; 0.0 (with a gradient path) when the mask is empty.
+        num_tokens: () int64, N.
+    """
     num_tokens = mask.sum()  # ()
     loss = -logps.sum() / num_tokens.clamp(min=1)  # ()
     return loss, num_tokens
