@@ -130,12 +130,14 @@ def compare_sft(model, batch, chunk_size):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 23, 1000])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_token_logprobs_equals_token_logprobs_of_the_full_logits(chunk_size, temperature):
-    """Values, mask, entropy and the gradients w.r.t. the hidden states and a trainable head (weight and bias),
-    for chunk sizes that do and do not divide the 23 labelled positions, and with a temperature."""
+@pytest.mark.parametrize("head_trains", [True, False], ids=["trainable-head", "frozen-head"])
+def test_chunked_token_logprobs_equals_token_logprobs_of_the_full_logits(chunk_size, temperature, head_trains):
+    """Values, mask, entropy and the gradients w.r.t. the hidden states and (when it trains) the head's weight and
+    bias, for chunk sizes that do and do not divide the 23 labelled positions, and with a temperature; both
+    strategies (recomputed chunks for a trainable head, gradients taken in the forward for a frozen one)."""
     torch.manual_seed(0)
     hidden = torch.randn(3, 11, 16, requires_grad=True)
-    head = torch.nn.Linear(16, 50)
+    head = torch.nn.Linear(16, 50).requires_grad_(head_trains)
     labels = torch.randint(0, 50, (3, 11))
     labels[0, :4] = IGNORE  # prompt
     labels[1, 8:] = IGNORE  # padding
@@ -144,6 +146,7 @@ def test_chunked_token_logprobs_equals_token_logprobs_of_the_full_logits(chunk_s
 
     def run(chunked: bool):
         hidden.grad, head.weight.grad, head.bias.grad = None, None, None
+        head_grads = (lambda: (head.weight.grad.clone(), head.bias.grad.clone())) if head_trains else tuple
         if chunked:
             logps, mask, entropy = losses.chunked_token_logprobs(hidden, head, labels, chunk_size=chunk_size,
                                                                  temperature=temperature, with_entropy=True)
@@ -152,7 +155,7 @@ def test_chunked_token_logprobs_equals_token_logprobs_of_the_full_logits(chunk_s
             logps, mask = losses.token_logprobs(logits, labels)
             entropy = losses.next_token_entropy(logits[:, :-1]).masked_fill(~mask, 0.0)
         (logps * upstream).sum().backward()
-        return logps.detach(), mask, entropy, hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()
+        return logps.detach(), mask, entropy, hidden.grad.clone(), *head_grads()
 
     plain, chunked = run(False), run(True)
     assert int(plain[1].sum()) == 23
@@ -451,10 +454,9 @@ class MemoryWatch(TorchDispatchMode):
 
 
 def test_chunked_path_never_holds_positions_by_vocab(large_lora):
-    """One SFT step, forward and backward: the plain path allocates the (B, T, V) logits and holds several
-    copies at once; the chunked path's largest tensor is at most one (chunk_size, V) float32 slab, and it never
-    holds more than about two (a recomputed chunk and its gradient): no chunk's logits are kept for backward
-    (without the checkpoint all of them would be: about 7 slabs here)."""
+    """One LoRA SFT step (frozen tied head), forward and backward: the plain path allocates the (B, T, V) logits
+    and holds several copies at once; the chunked path's largest tensor is at most one (chunk_size, V) float32
+    slab, and it never holds more than two at once: no chunk's logits outlive the chunk."""
     batch = collate_lm(sequences(LARGE_VOCAB, [(10, 50), (20, 40), (5, 60)]), pad_id=0)  # 3 × 65 positions
     full_logits_bytes = batch["input_ids"].numel() * 4 * LARGE_VOCAB
     chunk_size = 24
@@ -470,4 +472,21 @@ def test_chunked_path_never_holds_positions_by_vocab(large_lora):
     assert watched["plain"].peak_bytes >= 2 * full_logits_bytes
     slab_bytes = chunk_size * 4 * LARGE_VOCAB
     assert watched["chunked"].largest_bytes <= slab_bytes
-    assert watched["chunked"].peak_bytes <= 3 * slab_bytes < full_logits_bytes
+    assert watched["chunked"].peak_bytes <= 2 * slab_bytes < full_logits_bytes
+
+
+def test_trainable_head_strategy_keeps_no_chunk_for_backward():
+    """The recompute strategy (trainable head): what it holds at once is a chunk's logits and their gradient
+    (beside the head's own weight gradients), not every chunk's logits, as it would without the checkpoint."""
+    torch.manual_seed(0)
+    vocab, chunk_size = 20_000, 40
+    hidden = torch.randn(1, 401, 8, requires_grad=True)
+    head = torch.nn.Linear(8, vocab)
+    labels = torch.randint(0, vocab, (1, 401))
+    with MemoryWatch() as watch:
+        logps, mask, _ = losses.chunked_token_logprobs(hidden, head, labels, chunk_size=chunk_size)
+        logps.sum().backward()
+    slab_bytes = chunk_size * 4 * vocab
+    weight_bytes = (head.weight.numel() + head.bias.numel()) * 4
+    assert watch.largest_bytes <= slab_bytes
+    assert watch.peak_bytes <= 3 * slab_bytes + 3 * weight_bytes < 400 * 4 * vocab

@@ -102,40 +102,66 @@ def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
 
 
-class _SelectedLogSoftmax(torch.autograd.Function):
-    """log_softmax(z)[y] per row, whose backward builds its (n, V) gradient in one buffer.
+def _selected_logsoftmax_and_gradient(
+    scores: torch.Tensor, targets: torch.Tensor, with_entropy: bool, with_gradient: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """log softmax(z)[y] of each row, and optionally its entropy and its gradient onehot(y) − softmax(z).
 
-    Autograd's gather − logsumexp backward makes several (n, V) temporaries (the exp's operands, the gather's
-    zero-filled scatter, their sum); here the gradient g·(onehot(y) − softmax(z)) is formed in place in the one
-    buffer that exp(z − lse) needs anyway. Under a checkpoint the saved ``z`` is the recomputed chunk.
+    Args:
+        scores: (n, V) float32/float64 temperature-scaled logits z, no gradient. When the gradient is asked for
+            without the entropy it is formed IN PLACE in this buffer (so one (n, V) slab serves both).
+        targets: (n,) label ids.
+
+    Returns:
+        logps (n,), entropy (n,) or None, gradient (n, V) or None.
     """
+    log_normalizer = torch.logsumexp(scores, dim=-1, keepdim=True)  # (n, 1)
+    logps = (torch.gather(scores, -1, targets.unsqueeze(-1)) - log_normalizer).squeeze(-1)  # (n,)
+    if not (with_entropy or with_gradient):
+        return logps, None, None
+    if with_entropy:
+        probs = torch.sub(scores, log_normalizer).exp_()  # (n, V)
+        expected_score = torch.bmm(probs.unsqueeze(1), scores.unsqueeze(-1)).reshape(-1)  # (n,) Σ_v p_v z_v
+        entropy = log_normalizer.squeeze(-1) - expected_score  # (n,)
+    else:
+        probs, entropy = scores.sub_(log_normalizer).exp_(), None  # (n, V), in place
+    gradient = None
+    if with_gradient:
+        gradient = probs.neg_().scatter_add_(-1, targets.unsqueeze(-1), torch.ones_like(logps).unsqueeze(-1))
+    return logps, entropy, gradient
+
+
+def _scores_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(n, V) head output → float32 (float64 kept) logits divided by the temperature, without gradient."""
+    scores = logits.detach()
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()
+    return scores / temperature if temperature != 1.0 else scores
+
+
+class _SelectedLogSoftmax(torch.autograd.Function):
+    """log_softmax(z)[y] per row, whose backward forms its (n, V) gradient g·(onehot(y) − softmax(z)) in one buffer
+    (autograd's gather − logsumexp backward makes several: the exp's operands, the gather's zero-filled scatter,
+    their sum). Under a checkpoint the saved ``z`` is the recomputed chunk."""
 
     @staticmethod
-    def forward(ctx, logits, targets):  # (n, V), (n,) → (n,)
-        log_normalizer = torch.logsumexp(logits, dim=-1)  # (n,)
-        ctx.save_for_backward(logits, targets, log_normalizer)
-        return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - log_normalizer
+    def forward(ctx, scores, targets):  # (n, V), (n,) → (n,)
+        logps, _, _ = _selected_logsoftmax_and_gradient(scores, targets, with_entropy=False, with_gradient=False)
+        ctx.save_for_backward(scores, targets)
+        return logps
 
     @staticmethod
     def backward(ctx, grad_output):  # (n,) → (n, V)
-        logits, targets, log_normalizer = ctx.saved_tensors
-        grad = torch.sub(logits, log_normalizer.unsqueeze(-1)).exp_()  # softmax
-        grad.mul_(-grad_output.unsqueeze(-1))
-        grad.scatter_add_(-1, targets.unsqueeze(-1), grad_output.unsqueeze(-1))
-        return grad, None
+        scores, targets = ctx.saved_tensors
+        _, _, gradient = _selected_logsoftmax_and_gradient(scores.clone(), targets, False, True)  # (n, V)
+        return gradient.mul_(grad_output.unsqueeze(-1)), None
 
 
-def _label_logprobs_of_rows(
-    head: Callable[[torch.Tensor], torch.Tensor],
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk of `chunked_token_logprobs`: rows (n, H), targets (n,) → log-probs (n,) and entropy (n,) or None.
+def _recomputed_chunk(head, rows, targets, temperature: float, with_entropy: bool):
+    """One chunk of the trainable-head strategy (run under a checkpoint): rows (n, H) → logps (n,), entropy or None.
 
-    The log-probs come first and the entropy last, so that a non-reentrant checkpoint's recomputation, which stops
-    once every tensor saved for backward is back, never redoes the entropy.
+    The log-probs come first and the entropy last, so that the checkpoint's recomputation, which stops once every
+    tensor saved for backward is back, never redoes the entropy.
     """
     logits = head(rows)  # (n, V)
     if logits.dtype not in (torch.float32, torch.float64):
@@ -143,8 +169,55 @@ def _label_logprobs_of_rows(
     if temperature != 1.0:
         logits = logits / temperature
     logps = _SelectedLogSoftmax.apply(logits, targets)  # (n,)
-    entropy = next_token_entropy(logits.detach()) if with_entropy else None  # (n,)
+    entropy = None
+    if with_entropy:
+        _, entropy, _ = _selected_logsoftmax_and_gradient(logits.detach(), targets, True, False)
     return logps, entropy
+
+
+class _FrozenHeadLogProbs(torch.autograd.Function):
+    """The frozen-head strategy: label log-probs of rows (N, H) through a head with no trainable parameter, whose
+    gradient w.r.t. the rows is computed chunk by chunk IN THE FORWARD.
+
+    Each logits row depends on its own hidden row only, and d logp_i / d z_i = onehot(y_i) − softmax(z_i) is known
+    once z_i is, so the vector-Jacobian product u_i = J_head(h_i)ᵀ (onehot − softmax)/τ can be taken right away
+    (autograd through the head: LoRA-wrapped or quantized heads work) and the (n, V) logits freed. Backward is then
+    g_i · u_i: no recomputation, and (N, H) kept, the size of the rows themselves (Liger's fused linear
+    cross-entropy does the same for a mean loss; here any per-token upstream gradient g works).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, head, targets, chunk_size: int, temperature: float, with_entropy: bool):
+        logps, entropies, row_gradients = [], [], []
+        for start in range(0, max(len(rows), 1), chunk_size):
+            chunk_rows = rows[start:start + chunk_size].detach().requires_grad_()  # (n, H)
+            with torch.enable_grad():
+                logits = head(chunk_rows)  # (n, V)
+            chunk_logps, entropy, gradient = _selected_logsoftmax_and_gradient(
+                _scores_of(logits, temperature), targets[start:start + chunk_size], with_entropy, True)
+            if temperature != 1.0:
+                gradient.div_(temperature)  # d z / d logits = 1/τ
+            (row_gradient,) = torch.autograd.grad(logits, chunk_rows, gradient.to(logits.dtype))  # (n, H)
+            del logits, gradient
+            logps.append(chunk_logps)
+            entropies.append(entropy)
+            row_gradients.append(row_gradient)
+        ctx.save_for_backward(torch.cat(row_gradients))
+        entropy = torch.cat(entropies) if with_entropy else torch.zeros(0, device=rows.device)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(logps), entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):  # (N,) → (N, H)
+        (row_gradients,) = ctx.saved_tensors
+        return grad_logps.unsqueeze(-1).to(row_gradients.dtype) * row_gradients, None, None, None, None, None
+
+
+def _has_trainable_parameters(head) -> bool:
+    """A head that is not a module may close over parameters: count it as trainable (the always-exact strategy)."""
+    if not isinstance(head, torch.nn.Module):
+        return True
+    return any(p.requires_grad for p in head.parameters())
 
 
 def chunked_token_logprobs(
@@ -160,20 +233,28 @@ def chunked_token_logprobs(
     """`token_logprobs(head(hidden) / temperature, labels)` without ever holding the (B, T, V) logits.
 
     Only the N positions whose next label is not ``ignore_index`` are projected through the head (prompt and padding
-    positions get no logits at all), ``chunk_size`` of them at a time. With gradients enabled each chunk runs under a
-    non-reentrant ``torch.utils.checkpoint``: forward keeps only the chunk's (n, H) rows and its (n,) outputs, and
-    backward recomputes that chunk's logits before differentiating them, forming their gradient in one buffer
-    (`_SelectedLogSoftmax`). So one chunk's (chunk_size, V) float32 logits, and in backward their gradient, are
-    all that is alive of the logits at any time, for the cost of one more head projection of the selected positions.
+    positions get no logits at all), ``chunk_size`` of them at a time, so that one chunk's (chunk_size, V) float32
+    logits and one buffer of their size are all that is alive of the logits at any time, in forward and backward.
+    Gradients reach ``hidden`` and every trainable parameter of the head, by one of two strategies:
+
+    * frozen head (a module with no parameter that requires grad: LoRA/DoRA/QLoRA leave the head, tied or not,
+      frozen): the gradient w.r.t. each chunk's rows is taken in the forward, right after its logits
+      (`_FrozenHeadLogProbs`); backward only scales it by the upstream gradient. Two head projections per chunk,
+      as the plain path's forward and backward make.
+    * trainable head (full fine-tuning, tied embeddings that train, a LoRA-wrapped or saved ``lm_head``): each chunk
+      runs under a non-reentrant ``torch.utils.checkpoint``, keeping only its rows and outputs; backward recomputes
+      its logits and differentiates them (`_SelectedLogSoftmax`). One more head projection per chunk.
+
+    Without gradients the chunks are simply evaluated one after the other.
 
     This is the token-dimension chunking of Liger's fused linear cross-entropy. Unlike Liger and TRL's fused LM
-    head, which read ``lm_head.weight`` directly (Liger also computes the weight's gradient inside the forward), the
-    head here is called as a module, so a LoRA/DoRA-wrapped or trainable head and tied embeddings get their
-    gradients by ordinary autograd, and per-token outputs (DPO sums, GRPO ratios) take any upstream gradient.
+    head, which read ``lm_head.weight`` directly, the head here is called as a module, so a LoRA/DoRA-wrapped or
+    trainable head and tied embeddings get their gradients by autograd, and per-token outputs (DPO sums, GRPO
+    ratios) take any upstream gradient, not only a mean's. Not twice differentiable.
 
     Args:
         hidden: (B, T, H) the head's input: the final hidden states, after the model's final norm.
-        head: a module (or callable) mapping (n, H) → (n, V) scores, e.g. the model's ``lm_head``.
+        head: a module (or callable) mapping (n, H) → (n, V) scores row by row, e.g. the model's ``lm_head``.
         labels: (B, T) token ids, ``ignore_index`` on prompt and padding positions; ``hidden[:, t]`` scores
             ``labels[:, t + 1]``, as in `token_logprobs`.
         chunk_size: positions per chunk (≥ 1); need not divide N.
@@ -193,25 +274,31 @@ def chunked_token_logprobs(
     mask = targets != ignore_index  # (B, T-1)
     rows = hidden[:, :-1][mask]  # (N, H)
     picked = targets[mask]  # (N,)
+    trainable_head = _has_trainable_parameters(head)
 
-    logps_parts, entropy_parts = [], []
-    # an empty batch still runs one (empty) chunk: the outputs stay connected to `hidden` and the head's parameters,
-    # so backward (and DDP's gradient hooks) see every parameter as usual
-    for start in range(0, max(len(rows), 1), chunk_size):
-        chunk = (head, rows[start:start + chunk_size], picked[start:start + chunk_size], temperature, with_entropy)
-        if torch.is_grad_enabled():
-            chunk_logps, chunk_entropy = checkpoint(_label_logprobs_of_rows, *chunk, use_reentrant=False)
-        else:
-            chunk_logps, chunk_entropy = _label_logprobs_of_rows(*chunk)
-        logps_parts.append(chunk_logps)
-        entropy_parts.append(chunk_entropy)
+    if torch.is_grad_enabled() and rows.requires_grad and not trainable_head:
+        selected_logps, selected_entropy = _FrozenHeadLogProbs.apply(rows, head, picked, chunk_size, temperature,
+                                                                     with_entropy)  # (N,), (N,) or (0,)
+    else:
+        recompute = torch.is_grad_enabled() and (rows.requires_grad or trainable_head)
+        logps_parts, entropy_parts = [], []
+        # an empty batch still runs one (empty) chunk: the outputs stay connected to `hidden` and to the head's
+        # parameters, so backward (and DDP's gradient hooks) reaches every parameter as usual
+        for start in range(0, max(len(rows), 1), chunk_size):
+            chunk = (head, rows[start:start + chunk_size], picked[start:start + chunk_size], temperature, with_entropy)
+            if recompute:
+                chunk_logps, chunk_entropy = checkpoint(_recomputed_chunk, *chunk, use_reentrant=False)
+            else:
+                chunk_logps, chunk_entropy = _recomputed_chunk(*chunk)
+            logps_parts.append(chunk_logps)
+            entropy_parts.append(chunk_entropy)
+        selected_logps = torch.cat(logps_parts)  # (N,)
+        selected_entropy = torch.cat(entropy_parts) if with_entropy else None  # (N,)
 
-    selected_logps = torch.cat(logps_parts)  # (N,)
     logps = selected_logps.new_zeros(mask.shape).masked_scatter(mask, selected_logps)  # (B, T-1)
     entropy = None
     if with_entropy:
-        selected_entropy = torch.cat(entropy_parts)  # (N,)
-        entropy = selected_entropy.new_zeros(mask.shape).masked_scatter(mask, selected_entropy)  # (B, T-1)
+        entropy = selected_entropy.new_zeros(mask.shape).masked_scatter(mask, selected_entropy.detach())  # (B, T-1)
     return logps, mask, entropy
 
 
@@ -229,7 +316,7 @@ def auto_chunk_size(vocab_size: int, num_positions: int, budget_bytes: int = DEF
       differ in size by at most one row.
 
     The budget bounds one logits slab. The plain path holds several copies of its slab at its peak (logits, the
-    log-softmax's temporaries, their gradient); the chunked path about two (a recomputed chunk and its gradient).
+    log-softmax's temporaries, their gradient); the chunked path about two (a chunk and its gradient).
     Pass the number of positions the plain path would project (B · T, or B · logits_to_keep); the chunked path
     projects only the labelled ones, so its chunks are at most this size.
 
