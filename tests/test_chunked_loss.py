@@ -408,6 +408,19 @@ def test_autocast_state_of_the_forward_reaches_the_chunks(large_lora):
     torch.testing.assert_close(chunked[mask], plain[mask], atol=0.1, rtol=0.0)  # bf16 logits: ~0.05 apart
 
 
+def test_an_adapter_on_a_zero3_partitioned_head_is_refused():
+    """DeepSpeed 0.19 does not gather a frozen base weight while a checkpointed chunk is recomputed; a LoRA layer
+    on lm_head whose parameters carry ZeRO-3's partition status gets a clear error instead of a CheckpointError in
+    backward (the ds_status attribute stands in for ZeRO-3 here)."""
+    model = with_lora(large_vocab_model(tie_word_embeddings=False), target_modules=["q_proj", "lm_head"])
+    batch = collate_lm(sequences(LARGE_VOCAB, [(4, 10)]), pad_id=0)
+    for p in model.get_output_embeddings().parameters():
+        p.ds_status = "NOT_AVAILABLE"
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        token_logps(model, batch, chunk_size=4)
+    token_logps(model, batch, chunk_size=None)
+
+
 def test_models_that_transform_their_logits_are_refused():
     model = large_vocab_model()
     model.config.final_logit_softcapping = 30.0

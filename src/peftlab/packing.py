@@ -110,9 +110,11 @@ def token_logps(
       outputs: DDP's unused-parameter search finds them, and the chunks then call the same module (so ZeRO-3's
       gather hooks on it fire and a LoRA-wrapped, trainable or tied head gets its gradient by autograd).
 
-    The chunks run under the autocast state the model's forward ran under, as the head would have. Models whose
-    forward transforms the logits after the head (final-logit soft-capping, logit scaling) are refused on the
-    chunked path: the head's output alone is not their distribution.
+    The chunks run under the autocast state the model's forward ran under, as the head would have. Refused on the
+    chunked path: models whose forward transforms the logits after the head (final-logit soft-capping, logit
+    scaling; the head's output alone is not their distribution), and an adapter on ``lm_head`` under ZeRO-3 (see
+    `refuse_partitioned_adapter_head`). The head must not change between forward and backward (e.g. an adapter
+    switched in between), as with any recomputation.
 
     Args:
         batch: see above.
@@ -155,6 +157,7 @@ def token_logps(
 
     refuse_transformed_logits(config)
     head = unwrapped.get_output_embeddings()
+    refuse_partitioned_adapter_head(head)
     hidden, autocast = _forward_to_head_input(model, head, inputs)  # (B, T, H)
     with autocast:
         return losses.chunked_token_logprobs(hidden, head, labels, chunk_size=chunk_size, temperature=temperature,
@@ -197,6 +200,21 @@ def refuse_transformed_logits(config) -> None:
     if found:
         raise ValueError(f"chunked log-probs need logits equal to the head's output; this model transforms them "
                          f"({found}): use chunk_size=None")
+
+
+def refuse_partitioned_adapter_head(head) -> None:
+    """Raise for an adapter-wrapped head (LoRA/DoRA on ``lm_head``) whose parameters ZeRO-3 partitions.
+
+    Such a head mixes a frozen base weight with trainable adapter weights, so its chunks are recomputed in backward,
+    and DeepSpeed (0.19) does not gather frozen parameters during a non-reentrant checkpoint's recomputation
+    (deepspeedai/DeepSpeed#8148): backward would fail with a CheckpointError. Frozen heads and wholly trainable
+    ones (tied embeddings, ``modules_to_save``) are unaffected.
+    """
+    params = list(head.parameters())
+    partitioned = any(hasattr(p, "ds_status") for p in params)
+    if partitioned and hasattr(head, "base_layer") and any(p.requires_grad for p in params):
+        raise ValueError("an adapter on lm_head under DeepSpeed ZeRO-3 cannot use chunked log-probs (DeepSpeed does "
+                         "not gather its frozen base weight when the chunk is recomputed): use chunk_size=None")
 
 
 def _forward_to_head_input(model, head, inputs: dict):
