@@ -370,18 +370,22 @@ def test_qlora_4bit():
     compare_sft(model, batch, chunk_size=6)
 
 
-def test_ddp_wrapper(tmp_path):
+@pytest.mark.parametrize("head", ["frozen", "lora-on-head"])
+def test_ddp_wrapper(tmp_path, head):
     """Through a (one-process, gloo) DistributedDataParallel wrapper: the forward goes through DDP's __call__, the
-    head is found on `.module`, and two steps of backward run DDP's gradient reduction without complaint, with an
-    adapter on the head too, both with and without DDP's unused-parameter search."""
+    head is found on `.module`, and two steps of backward run DDP's gradient reduction without complaint and give
+    the bare model's plain-path gradients, for a frozen head and for an adapter on the head, with and without
+    DDP's unused-parameter search."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    targets = "all-linear" if head == "frozen" else ["q_proj", "v_proj", "lm_head"]
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         for find_unused in (False, True):
-            inner = with_lora(large_vocab_model(tie_word_embeddings=False),
-                              target_modules=["q_proj", "v_proj", "lm_head"])
+            inner = with_lora(large_vocab_model(tie_word_embeddings=False), target_modules=targets)
             wrapped = DistributedDataParallel(inner, find_unused_parameters=find_unused)
             for seed in (0, 1):
                 batch = collate_lm(sequences(LARGE_VOCAB, [(4, 10), (6, 6)], seed=seed), pad_id=0)
