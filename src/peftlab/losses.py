@@ -120,8 +120,9 @@ def _selected_logsoftmax_and_gradient(
     if not (with_entropy or with_gradient):
         return logps, None, None
     if with_entropy:
-        probs = torch.sub(scores, log_normalizer).exp_()  # (n, V)
-        expected_score = torch.bmm(probs.unsqueeze(1), scores.unsqueeze(-1)).reshape(-1)  # (n,) Σ_v p_v z_v
+        # softmax normalizes by the sum itself: exp(z − lse) would carry lse's rounding into Σ p z
+        probs = torch.softmax(scores, dim=-1)  # (n, V)
+        expected_score = (probs * scores).sum(dim=-1)  # (n,) Σ_v p_v z_v
         entropy = log_normalizer.squeeze(-1) - expected_score  # (n,)
     else:
         probs, entropy = scores.sub_(log_normalizer).exp_(), None  # (n, V), in place
