@@ -501,7 +501,7 @@ def test_trainable_head_strategy_keeps_no_chunk_for_backward():
     head = torch.nn.Linear(8, vocab)
     labels = torch.randint(0, vocab, (1, 401))
     with MemoryWatch() as watch:
-        logps, mask, _ = losses.chunked_token_logprobs(hidden, head, labels, chunk_size=chunk_size)
+        logps, _, _ = losses.chunked_token_logprobs(hidden, head, labels, chunk_size=chunk_size)
         logps.sum().backward()
     slab_bytes = chunk_size * 4 * vocab
     weight_bytes = (head.weight.numel() + head.bias.numel()) * 4
