@@ -15,14 +15,22 @@ log π(y|x)), never means.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "token_logprobs",
+    "next_token_entropy",
+    "chunked_token_logprobs",
+    "auto_chunk_size",
     "sequence_logps",
+    "packed_sequence_logps",
+    "packed_sequence_sums",
     "sft_loss",
+    "sft_loss_from_logps",
     "dpo_loss",
     "bradley_terry_loss",
     "cost_loss",
@@ -78,6 +86,257 @@ def token_logprobs(
     return logps, mask
 
 
+def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each next-token distribution: H = logsumexp(z) − Σ_v softmax(z)_v · z_v (the same as
+    −Σ p log p, without a log-softmax copy).
+
+    Args:
+        logits: (..., V) scores, already divided by any sampling temperature (any float dtype).
+
+    Returns:
+        (...) float32 (float64 for float64 logits), with no gradient.
+    """
+    with torch.no_grad():
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+
+
+def _selected_logsoftmax_and_gradient(
+    scores: torch.Tensor, targets: torch.Tensor, with_entropy: bool, with_gradient: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """log softmax(z)[y] of each row, and optionally its entropy and its gradient onehot(y) − softmax(z).
+
+    Args:
+        scores: (n, V) float32/float64 temperature-scaled logits z, no gradient. When the gradient is asked for
+            without the entropy it is formed IN PLACE in this buffer (so one (n, V) slab serves both).
+        targets: (n,) label ids.
+
+    Returns:
+        logps (n,), entropy (n,) or None, gradient (n, V) or None.
+    """
+    log_normalizer = torch.logsumexp(scores, dim=-1, keepdim=True)  # (n, 1)
+    logps = (torch.gather(scores, -1, targets.unsqueeze(-1)) - log_normalizer).squeeze(-1)  # (n,)
+    if not (with_entropy or with_gradient):
+        return logps, None, None
+    if with_entropy:
+        # softmax normalizes by the sum itself: exp(z − lse) would carry lse's rounding into Σ p z
+        probs = torch.softmax(scores, dim=-1)  # (n, V)
+        expected_score = (probs * scores).sum(dim=-1)  # (n,) Σ_v p_v z_v
+        entropy = log_normalizer.squeeze(-1) - expected_score  # (n,)
+    else:
+        probs, entropy = scores.sub_(log_normalizer).exp_(), None  # (n, V), in place
+    gradient = None
+    if with_gradient:
+        gradient = probs.neg_().scatter_add_(-1, targets.unsqueeze(-1), torch.ones_like(logps).unsqueeze(-1))
+    return logps, entropy, gradient
+
+
+def _scores_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(n, V) head output → float32 (float64 kept) logits divided by the temperature, without gradient."""
+    scores = logits.detach()
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()
+    return scores / temperature if temperature != 1.0 else scores
+
+
+class _SelectedLogSoftmax(torch.autograd.Function):
+    """log_softmax(z)[y] per row, whose backward forms its (n, V) gradient g·(onehot(y) − softmax(z)) in one buffer
+    (autograd's gather − logsumexp backward makes several: the exp's operands, the gather's zero-filled scatter,
+    their sum). Under a checkpoint the saved ``z`` is the recomputed chunk."""
+
+    @staticmethod
+    def forward(ctx, scores, targets):  # (n, V), (n,) → (n,)
+        logps, _, _ = _selected_logsoftmax_and_gradient(scores, targets, with_entropy=False, with_gradient=False)
+        ctx.save_for_backward(scores, targets)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_output):  # (n,) → (n, V)
+        scores, targets = ctx.saved_tensors
+        _, _, gradient = _selected_logsoftmax_and_gradient(scores.clone(), targets, False, True)  # (n, V)
+        return gradient.mul_(grad_output.unsqueeze(-1)), None
+
+
+def _recomputed_chunk(head, rows, targets, temperature: float, with_entropy: bool):
+    """One chunk of the trainable-head strategy (run under a checkpoint): rows (n, H) → logps (n,), entropy or None.
+
+    The log-probs come first and the entropy last, so that the checkpoint's recomputation, which stops once every
+    tensor saved for backward is back, never redoes the entropy.
+    """
+    logits = head(rows)  # (n, V)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = _SelectedLogSoftmax.apply(logits, targets)  # (n,)
+    entropy = None
+    if with_entropy:
+        _, entropy, _ = _selected_logsoftmax_and_gradient(logits.detach(), targets, True, False)
+    return logps, entropy
+
+
+class _FrozenHeadLogProbs(torch.autograd.Function):
+    """The frozen-head strategy: label log-probs of rows (N, H) through a head with no trainable parameter, whose
+    gradient w.r.t. the rows is computed chunk by chunk IN THE FORWARD.
+
+    Each logits row depends on its own hidden row only, and d logp_i / d z_i = onehot(y_i) − softmax(z_i) is known
+    once z_i is, so the vector-Jacobian product u_i = J_head(h_i)ᵀ (onehot − softmax)/τ can be taken right away
+    (autograd through the head: LoRA-wrapped or quantized heads work) and the (n, V) logits freed. Backward is then
+    g_i · u_i: no recomputation, and (N, H) kept, the size of the rows themselves (Liger's fused linear
+    cross-entropy does the same for a mean loss; here any per-token upstream gradient g works).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, head, targets, chunk_size: int, temperature: float, with_entropy: bool):
+        logps, entropies, row_gradients = [], [], []
+        for start in range(0, max(len(rows), 1), chunk_size):
+            chunk_rows = rows[start:start + chunk_size].detach().requires_grad_()  # (n, H)
+            with torch.enable_grad():
+                logits = head(chunk_rows)  # (n, V)
+            chunk_logps, entropy, gradient = _selected_logsoftmax_and_gradient(
+                _scores_of(logits, temperature), targets[start:start + chunk_size], with_entropy, True)
+            if temperature != 1.0:
+                gradient.div_(temperature)  # d z / d logits = 1/τ
+            (row_gradient,) = torch.autograd.grad(logits, chunk_rows, gradient.to(logits.dtype))  # (n, H)
+            del logits, gradient
+            logps.append(chunk_logps)
+            entropies.append(entropy)
+            row_gradients.append(row_gradient)
+        ctx.save_for_backward(torch.cat(row_gradients))
+        entropy = torch.cat(entropies) if with_entropy else torch.zeros(0, device=rows.device)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(logps), entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):  # (N,) → (N, H)
+        (row_gradients,) = ctx.saved_tensors
+        return grad_logps.unsqueeze(-1).to(row_gradients.dtype) * row_gradients, None, None, None, None, None
+
+
+def _has_trainable_parameters(head) -> bool:
+    """A head that is not a module may close over parameters: count it as trainable (the always-exact strategy)."""
+    if not isinstance(head, torch.nn.Module):
+        return True
+    return any(p.requires_grad for p in head.parameters())
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    chunk_size: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs(head(hidden) / temperature, labels)` without ever holding the (B, T, V) logits.
+
+    Only the N positions whose next label is not ``ignore_index`` are projected through the head (prompt and padding
+    positions get no logits at all), ``chunk_size`` of them at a time, so that one chunk's (chunk_size, V) float32
+    logits and one buffer of their size are all that is alive of the logits at any time, in forward and backward.
+    Gradients reach ``hidden`` and every trainable parameter of the head, by one of two strategies:
+
+    * frozen head (a module with no parameter that requires grad: LoRA/DoRA/QLoRA leave the head, tied or not,
+      frozen): the gradient w.r.t. each chunk's rows is taken in the forward, right after its logits
+      (`_FrozenHeadLogProbs`); backward only scales it by the upstream gradient. Two head projections per chunk,
+      as the plain path's forward and backward make.
+    * trainable head (full fine-tuning, tied embeddings that train, a LoRA-wrapped or saved ``lm_head``): each chunk
+      runs under a non-reentrant ``torch.utils.checkpoint``, keeping only its rows and outputs; backward recomputes
+      its logits and differentiates them (`_SelectedLogSoftmax`). One more head projection per chunk.
+
+    Without gradients the chunks are simply evaluated one after the other.
+
+    This is the token-dimension chunking of Liger's fused linear cross-entropy. Unlike Liger and TRL's fused LM
+    head, which read ``lm_head.weight`` directly, the head here is called as a module, so a LoRA/DoRA-wrapped or
+    trainable head and tied embeddings get their gradients by autograd, and per-token outputs (DPO sums, GRPO
+    ratios) take any upstream gradient, not only a mean's. Not twice differentiable.
+
+    Args:
+        hidden: (B, T, H) the head's input: the final hidden states, after the model's final norm.
+        head: a module (or callable) mapping (n, H) → (n, V) scores row by row, e.g. the model's ``lm_head``.
+        labels: (B, T) token ids, ``ignore_index`` on prompt and padding positions; ``hidden[:, t]`` scores
+            ``labels[:, t + 1]``, as in `token_logprobs`.
+        chunk_size: positions per chunk (≥ 1); need not divide N.
+        temperature: the scores are divided by it before the softmax (GRPO's sampling temperature).
+        with_entropy: also return the entropy of each scored next-token distribution.
+        ignore_index: label value that marks positions to skip.
+
+    Returns:
+        logps: (B, T-1) float32 (float64 for a float64 head), log p(labels[:, t+1] | tokens ≤ t); 0 where masked.
+        mask: (B, T-1) bool, ``labels[:, 1:] != ignore_index``.
+        entropy: (B, T-1) float32, detached, ``next_token_entropy`` of the temperature-scaled scores; 0 where
+            masked. None unless ``with_entropy``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != ignore_index  # (B, T-1)
+    rows = hidden[:, :-1][mask]  # (N, H)
+    picked = targets[mask]  # (N,)
+    trainable_head = _has_trainable_parameters(head)
+
+    if torch.is_grad_enabled() and rows.requires_grad and not trainable_head:
+        selected_logps, selected_entropy = _FrozenHeadLogProbs.apply(rows, head, picked, chunk_size, temperature,
+                                                                     with_entropy)  # (N,), (N,) or (0,)
+    else:
+        recompute = torch.is_grad_enabled() and (rows.requires_grad or trainable_head)
+        logps_parts, entropy_parts = [], []
+        # an empty batch still runs one (empty) chunk: the outputs stay connected to `hidden` and to the head's
+        # parameters, so backward (and DDP's gradient hooks) reaches every parameter as usual
+        for start in range(0, max(len(rows), 1), chunk_size):
+            chunk = (head, rows[start:start + chunk_size], picked[start:start + chunk_size], temperature, with_entropy)
+            if recompute:
+                chunk_logps, chunk_entropy = checkpoint(_recomputed_chunk, *chunk, use_reentrant=False)
+            else:
+                chunk_logps, chunk_entropy = _recomputed_chunk(*chunk)
+            logps_parts.append(chunk_logps)
+            entropy_parts.append(chunk_entropy)
+        selected_logps = torch.cat(logps_parts)  # (N,)
+        selected_entropy = torch.cat(entropy_parts) if with_entropy else None  # (N,)
+
+    logps = selected_logps.new_zeros(mask.shape).masked_scatter(mask, selected_logps)  # (B, T-1)
+    entropy = None
+    if with_entropy:
+        entropy = selected_entropy.new_zeros(mask.shape).masked_scatter(mask, selected_entropy.detach())  # (B, T-1)
+    return logps, mask, entropy
+
+
+DEFAULT_LOGITS_BUDGET_BYTES = 256 * 2**20
+
+
+def auto_chunk_size(vocab_size: int, num_positions: int, budget_bytes: int = DEFAULT_LOGITS_BUDGET_BYTES) -> int | None:
+    """The chunk size for `chunked_token_logprobs`, or None where the plain full-logits path should be used.
+
+    The rule, in float32 logits rows of ``4 · vocab_size`` bytes:
+
+    * None when all ``num_positions`` rows fit in ``budget_bytes`` (num_positions · 4 · V ≤ budget): small
+      vocabularies and short batches keep the one-matmul plain path and its speed;
+    * otherwise the fewest chunks of at most ``budget_bytes // (4 · V)`` rows (at least 1), balanced so that they
+      differ in size by at most one row.
+
+    The budget bounds one logits slab. The plain path holds several copies of its slab at its peak (logits, the
+    log-softmax's temporaries, their gradient); the chunked path about two (a chunk and its gradient).
+    Pass the number of positions the plain path would project (B · T, or B · logits_to_keep); the chunked path
+    projects only the labelled ones, so its chunks are at most this size.
+
+    Args:
+        vocab_size: V, the head's output width.
+        num_positions: positions whose logits the plain path would hold.
+        budget_bytes: the most bytes one logits slab may take.
+
+    Returns:
+        None, or a chunk size ≥ 1.
+    """
+    row_bytes = 4 * vocab_size
+    if num_positions * row_bytes <= budget_bytes:
+        return None
+    max_rows = max(1, budget_bytes // row_bytes)
+    num_chunks = -(-num_positions // max_rows)
+    return -(-num_positions // num_chunks)
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Summed log-probability of the label tokens of each sequence: log π(y|x) = Σ_t log π(y_t | x, y_<t).
 
@@ -107,9 +366,23 @@ def packed_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, cu_seq_len
         (S,) float32.
     """
     token_logps, _ = token_logprobs(logits, labels)  # (1, T-1): position t scores label t + 1
+    return packed_sequence_sums(token_logps, cu_seq_lens)  # (S,)
+
+
+def packed_sequence_sums(token_logps: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums of a packed row's per-token log-probs (`packed_sequence_logps` after the head).
+
+    Args:
+        token_logps: (1, T-1) as `token_logprobs` or `chunked_token_logprobs` return them: position t scores
+            label t + 1, 0 where masked.
+        cu_seq_lens: (S + 1,) start offsets of the sequences, then T.
+
+    Returns:
+        (S,) same dtype as ``token_logps``.
+    """
     lengths = cu_seq_lens.diff().long()  # (S,)
-    sequence_of = torch.repeat_interleave(torch.arange(len(lengths), device=logits.device), lengths)  # (T,)
-    sums = torch.zeros(len(lengths), dtype=token_logps.dtype, device=logits.device)
+    sequence_of = torch.repeat_interleave(torch.arange(len(lengths), device=token_logps.device), lengths)  # (T,)
+    sums = torch.zeros(len(lengths), dtype=token_logps.dtype, device=token_logps.device)
     return sums.index_add(0, sequence_of[1:], token_logps[0])  # (S,)
 
 
@@ -130,6 +403,20 @@ def sft_loss(
         num_tokens: () int64, N — for token-weighted averaging across micro-batches or ranks.
     """
     logps, mask = token_logprobs(logits, labels, ignore_index)  # (B, T-1), (B, T-1)
+    return sft_loss_from_logps(logps, mask)
+
+
+def sft_loss_from_logps(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sft_loss` from per-token log-probs (e.g. those of `chunked_token_logprobs`): −Σ logps / N.
+
+    Args:
+        logps: (B, T-1) label log-probs, 0 where masked.
+        mask: (B, T-1) bool, the label positions.
+
+    Returns:
+        loss: () scalar; 0.0 (with a gradient path) when the mask is empty.
+        num_tokens: () int64, N.
+    """
     num_tokens = mask.sum()  # ()
     loss = -logps.sum() / num_tokens.clamp(min=1)  # ()
     return loss, num_tokens
