@@ -80,7 +80,7 @@ def policy_of(cfg, head: str = "causal_lm"):
     device = torch.device(CPU_DEVICE)
     return build_policy(cfg.model, cfg.peft, start_adapter=starting_adapter(cfg.model, cfg.algo.start_from),
                         compute=train_dtype(cfg.trainer.precision, device), device=device, head=head,
-                        gradient_checkpointing=bool(cfg.trainer.gradient_checkpointing), reference_adapter=True)
+                        gradient_checkpointing=cfg.trainer.gradient_checkpointing is True, reference_adapter=True)
 
 
 def base_of(cfg, head: str = "causal_lm"):
@@ -116,7 +116,8 @@ def algorithm(overrides: list[str] = (), **options):
     cfg, _ = compose(list(overrides))
     algo_cfg = OmegaConf.merge(cfg.algo, options)
     return make_algorithm(algo_cfg, tokenizer=load_tokenizer(cfg.model), max_length=cfg.model.max_length,
-                          policy=policy_identity(cfg.model, cfg.peft, algo_cfg.start_from))
+                          policy=policy_identity(cfg.model, cfg.peft, algo_cfg.start_from),
+                          logits_chunk_size=cfg.trainer.logits_chunk_size)
 
 
 def set_up(algo, policy, reference=None, train_examples=(), eval_examples=()):

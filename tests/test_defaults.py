@@ -36,11 +36,15 @@ def code_files() -> list[Path]:
 
 
 def names_read(files: list[Path]) -> set[str]:
-    """Attribute names, and string constants used as subscripts, `in` tests or get/getattr/select arguments."""
+    """Attribute names, string constants used as subscripts, `in` tests or get/getattr/select arguments, and
+    keyword-only parameters (a group handed whole to a constructor, as a task runner's options are, is read by
+    its keyword-only parameters)."""
     found = set()
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found.update(a.arg for a in node.args.kwonlyargs)
+            elif isinstance(node, ast.Attribute):
                 found.add(node.attr)
             elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
                 found.add(str(node.slice.value))

@@ -17,7 +17,7 @@ from conftest import FAST, REPO, algorithm, compose, policy_of, read_metrics, se
 from peftlab import losses
 from peftlab.toyworld import judge
 from peftlab.algos.grpo import GRPO
-from peftlab.build import algorithm_keys
+from peftlab.build import INJECTED, algorithm_keys
 from peftlab.data.format import encode, render_prompt
 from peftlab.data.load import load_splits
 from peftlab.models import Reference, load_tokenizer
@@ -430,7 +430,7 @@ def test_train_run_logs_every_grpo_metric_and_knob(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {"eval/reward", "eval/greedy_accuracy"} <= summary.keys()
     hparams = summary["algo_hparams"]
-    knobs = set(algorithm_keys(GRPO)) - {"tokenizer", "max_length", "policy"}
+    knobs = set(algorithm_keys(GRPO)) - set(INJECTED)
     assert knobs <= hparams.keys(), f"missing from the summary: {knobs - hparams.keys()}"
     assert hparams["beta"] == 0.05 and hparams["loss_type"] == "dapo"
 

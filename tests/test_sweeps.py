@@ -130,7 +130,7 @@ def test_compare_on_the_rank_alpha_sweep(rank_alpha_sweep, tmp_path):
     assert result["metric"] == "eval/loss" and "ranked by eval/loss (lower is better)" in result["markdown"]
     losses = [r["eval/loss"] for r in result["rows"]]
     assert len(losses) == 9 and losses == sorted(losses)
-    table = result["markdown"].split("## All finished runs")[1].splitlines()
+    table = result["markdown"].split("## All finished runs")[1].split("\n## ")[0].splitlines()
     assert table[2].startswith("| run | eval/loss |") and len([l for l in table if l.startswith("| peft.r=")]) == 9
     assert "Not finished" not in result["markdown"]
     series = rank_series(result["rows"], "eval/loss")  # metric_vs_rank.png: one line per alpha ratio

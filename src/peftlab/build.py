@@ -10,7 +10,8 @@ it needs, not the whole tree:
     algorithm       ← algo + tokenizer, model.max_length, identity
     dist checks     ← dist, peft, trainer.optimizer
     rows, examples  ← data, trainer.seed          (peftlab.data.load_splits → algo.build_examples)
-    policy          ← model, peft, trainer.precision / gradient_checkpointing, identity
+    policy          ← model, peft, trainer.precision / gradient_checkpointing (auto: from the architecture and
+                      the micro-batch's tokens), identity
     evaluator       ← eval + algorithm, eval examples
 """
 
@@ -27,9 +28,10 @@ from peftlab.data import load_splits
 from peftlab.errors import ConfigError, DataError
 from peftlab.evaluation import Evaluator
 from peftlab.models import (PolicyIdentity, Reference, build_policy, count_parameters, load_tokenizer, policy_identity,
-                            train_dtype)
+                            train_dtype, use_checkpointing, weights_dtype)
+from peftlab.validate import load_model_config
 
-INJECTED = ("tokenizer", "max_length", "policy")  # what the builder passes to every algorithm besides conf/algo/
+INJECTED = ("tokenizer", "max_length", "policy", "logits_chunk_size")  # what every algorithm gets besides conf/algo/
 
 
 @dataclass
@@ -57,7 +59,7 @@ def algorithm_keys(cls) -> list[str]:
     return keys
 
 
-def make_algorithm(algo_cfg, *, tokenizer, max_length: int, policy: PolicyIdentity):
+def make_algorithm(algo_cfg, *, tokenizer, max_length: int, policy: PolicyIdentity, logits_chunk_size):
     """The algorithm class named by algo._target_, constructed from the algo group's keys (each one a keyword of
     its constructor) plus the injected ones. Errors are one line naming the key, not Hydra's wrapper of them."""
     cls = get_class(algo_cfg._target_)
@@ -68,7 +70,8 @@ def make_algorithm(algo_cfg, *, tokenizer, max_length: int, policy: PolicyIdenti
         raise ConfigError(f"algo.{unknown[0]} is not an option of {cls.__name__} (its keys: {', '.join(keys)})")
     if missing:
         raise ConfigError(f"algo.{missing[0]} is not set: {cls.__name__} needs every one of {', '.join(keys)}")
-    return cls(tokenizer=tokenizer, max_length=max_length, policy=policy, **options)
+    return cls(tokenizer=tokenizer, max_length=max_length, policy=policy, logits_chunk_size=logits_chunk_size,
+               **options)
 
 
 def build_run(cfg, accelerator) -> Run:
@@ -77,20 +80,23 @@ def build_run(cfg, accelerator) -> Run:
     set_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model)
     identity = policy_identity(cfg.model, cfg.peft, cfg.algo.start_from)
-    algo = make_algorithm(cfg.algo, tokenizer=tokenizer, max_length=cfg.model.max_length, policy=identity)
+    algo = make_algorithm(cfg.algo, tokenizer=tokenizer, max_length=cfg.model.max_length, policy=identity,
+                          logits_chunk_size=cfg.trainer.logits_chunk_size)
     dist.check(cfg.dist, peft_cfg=cfg.peft, optimizer=cfg.trainer.optimizer, needs_reference=algo.needs_reference)
     splits = load_splits(cfg.data, algo.data_kind, cfg.trainer.seed)
     train_examples, eval_examples = algo.build_examples(splits.train), algo.build_examples(splits.eval)
     data = describe_data(cfg, splits, train_examples, eval_examples, accelerator)
 
-    device = accelerator.device
-    policy = build_policy(cfg.model, cfg.peft, start_adapter=identity.start_adapter,
-                          compute=train_dtype(cfg.trainer.precision, device), device=device, head=algo.head,
-                          gradient_checkpointing=bool(cfg.trainer.gradient_checkpointing),
+    device, compute = accelerator.device, train_dtype(cfg.trainer.precision, accelerator.device)
+    tokens = int(cfg.trainer.batch_size) * int(cfg.model.max_length) * algo.sequences_per_example
+    checkpointing = use_checkpointing(cfg.trainer.gradient_checkpointing, load_model_config(cfg.model), tokens,
+                                      weights_dtype(cfg.model, compute), identity.quantize is not None)
+    policy = build_policy(cfg.model, cfg.peft, start_adapter=identity.start_adapter, compute=compute, device=device,
+                          head=algo.head, gradient_checkpointing=checkpointing,
                           reference_adapter=algo.needs_reference)
     trainable, total = count_parameters(policy)
     accelerator.print(f"policy: {identity.describe()}; {trainable:,} trainable of {total:,} parameters "
-                      f"({100 * trainable / total:.2f}%)")
+                      f"({100 * trainable / total:.2f}%); gradient checkpointing {'on' if checkpointing else 'off'}")
     reference = Reference(policy, cfg.peft.method) if algo.needs_reference else None
     algo.setup(policy, reference=reference, device=device, train_examples=train_examples,
                eval_examples=eval_examples)

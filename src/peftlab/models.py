@@ -172,6 +172,35 @@ TASK_TYPES = {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS"}  # SEQ_CLS makes pef
 
 
 REFERENCE_ADAPTER = "reference"  # the frozen copy of the start adapter that computes π_ref
+CHECKPOINTING_FLOOR_BYTES = 2**30  # below this, activations are cheap whatever the model: recomputing costs time only
+
+
+def activation_bytes(model_config, tokens: int, dtype: torch.dtype) -> int:
+    """What the backward pass keeps of a decoder's activations for `tokens` tokens of one micro-batch, without
+    checkpointing: per layer and token about 10 hidden-sized tensors (norms, q/k/v, attention output, residuals)
+    and 4 intermediate-sized ones (gate, up, their product, down's input)."""
+    config = model_config.get_text_config()
+    per_token = 10 * config.hidden_size + 4 * config.intermediate_size
+    return int(config.num_hidden_layers * tokens * per_token * torch.finfo(dtype).bits // 8)
+
+
+def weight_bytes(model_config, dtype: torch.dtype, quantized: bool) -> int:
+    """The frozen base's size: its parameters at the weights' dtype (about half a byte each in 4-bit)."""
+    config = model_config.get_text_config()
+    layer = 4 * config.hidden_size ** 2 + 3 * config.hidden_size * config.intermediate_size
+    embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    per_parameter = 0.5 if quantized else torch.finfo(dtype).bits / 8
+    return int(config.num_hidden_layers * layer * per_parameter + embeddings * torch.finfo(dtype).bits / 8)
+
+
+def use_checkpointing(setting, model_config, tokens: int, dtype: torch.dtype, quantized: bool) -> bool:
+    """trainer.gradient_checkpointing: true/false as given; auto recomputes activations in backward when keeping
+    them would take more memory than the base's weights and more than CHECKPOINTING_FLOOR_BYTES (the toy models
+    never reach it: they stay fast; a 0.5B model at 2 × 1,024 tokens does)."""
+    if setting != "auto":
+        return bool(setting)
+    kept = activation_bytes(model_config, tokens, dtype)
+    return kept > max(weight_bytes(model_config, dtype, quantized), CHECKPOINTING_FLOOR_BYTES)
 
 
 def build_base(model_cfg, peft_cfg, *, compute: torch.dtype, device: torch.device, head: str = "causal_lm"):

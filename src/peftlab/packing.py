@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from peftlab.sampling import unwrap
+
 PACKED_SDPA = "sdpa_packed"  # the attention implementation name `enable_packed_sdpa` registers
 
 
@@ -65,16 +67,9 @@ def enable_packed_sdpa(model) -> None:
 
 
 def lm_logits(model, batch: dict) -> torch.Tensor:
-    """(B, L, V) logits of a padded batch, or (1, T, V) of a packed row (`collate_packed`).
-
-    A packed row goes in with position ids, sequence offsets and no attention mask or KV cache: that is when
-    transformers keeps attention within each sequence.
-    """
-    if "cu_seq_lens" not in batch:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    starts, longest = batch["cu_seq_lens"], batch["max_length"]
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                 cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=longest, max_length_k=longest).logits
+    """(B, L, V) logits of a padded batch, or (1, T, V) of a packed row (`collate_packed`): the full logits that
+    `token_logps` avoids (tests compare against them)."""
+    return model(**model_inputs(batch)).logits
 
 
 def token_logps(
@@ -139,7 +134,7 @@ def token_logps(
     if logits_to_keep is not None:
         inputs["logits_to_keep"] = logits_to_keep
         labels = labels[:, -logits_to_keep:]
-    unwrapped = unwrap_model(model)
+    unwrapped = unwrap(model)
     config = unwrapped.config.get_text_config()
     if chunk_size == "auto":
         chunk_size = losses.auto_chunk_size(config.vocab_size, labels.numel())
@@ -177,15 +172,6 @@ def model_inputs(batch: dict) -> dict:
     if batch.get("position_ids") is not None:
         inputs["position_ids"] = batch["position_ids"]
     return inputs
-
-
-def unwrap_model(model):
-    """The transformers model or PeftModel under DDP / DeepSpeed (``.module``) and torch.compile (``_orig_mod``)."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
 
 
 # config attributes of architectures whose forward changes the logits after the head (Gemma 2/3 soft-capping,

@@ -17,15 +17,19 @@ from dataclasses import dataclass
 
 import torch
 
-from peftlab import losses
 from peftlab.data.format import IGNORE, pad
 
 EVAL_SEED = 0  # seed of evaluation-time sampling (a forked RNG: training randomness is untouched)
 
 
 def unwrap(model):
-    """The model under DDP/DeepSpeed wrappers (generate and adapter switching are methods of the inner model)."""
-    return getattr(model, "module", model)
+    """The transformers model or PeftModel under DDP / DeepSpeed (`.module`) and torch.compile (`_orig_mod`):
+    generate, adapter switching and the output embeddings are methods of the inner model."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 def to_device(batch: dict, device) -> dict:
@@ -148,42 +152,33 @@ def answer_texts(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
     return texts
 
 
-def completion_logps(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(model, batch: dict, temperature: float = 1.0,
+                     chunk_size: int | str | None = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """log π(completion token | prefix) at every completion position of a `Samples` batch, and the entropy.
 
-    One forward over prompt + completion; only the last C + 1 logits are computed (`logits_to_keep`), since the
-    prompt's own tokens carry no loss. Logits are divided by the sampling temperature (as TRL does), so the ratio
-    and the KL are those of the distribution the completions were sampled from. Gradients flow when enabled.
+    One forward over prompt + completion; only the last C + 1 positions reach the head (`logits_to_keep`), since the
+    prompt's own tokens carry no loss, and with `chunk_size` the head runs in chunks of completion positions
+    (`peftlab.packing.token_logps`). Logits are divided by the sampling temperature (as TRL does), so the ratio and
+    the KL are those of the distribution the completions were sampled from. Gradients flow when enabled.
 
     Args:
         batch: input_ids, attention_mask, position_ids (N, P + C), completion_ids and completion_mask (N, C).
 
     Returns:
         logps: (N, C) float32, 0 where the completion mask is 0.
-        entropy: (N, C) float32, detached.
+        entropy: (N, C) float32, detached, 0 where the completion mask is 0.
     """
+    from peftlab.packing import token_logps
+
     completion_ids, mask = batch["completion_ids"], batch["completion_mask"]  # (N, C)
-    length = completion_ids.shape[1]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=length + 1, use_cache=False,
-                   ).logits  # (N, C + 1, V): row t predicts completion token t (row 0 from the prompt's end)
-    if temperature != 1.0:
-        logits = logits / temperature
     labels = completion_ids.masked_fill(~mask.bool(), IGNORE)  # (N, C)
-    labels = torch.cat([torch.full_like(labels[:, :1], IGNORE), labels], dim=1)  # (N, C + 1): token_logprobs shifts
-    logps, _ = losses.token_logprobs(logits, labels)  # (N, C)
-    with torch.no_grad():  # one sequence at a time: at most one (C, V) float32 slab beside the logits
-        entropy = torch.stack([token_entropy(row[:-1]) for row in logits])  # (N, C)
+    labels = torch.cat([torch.full_like(labels[:, :1], IGNORE), labels], dim=1)  # (N, C + 1): row t predicts t + 1
+    logps, _, entropy = token_logps(model, batch, labels, temperature=temperature, with_entropy=True,
+                                    chunk_size=chunk_size, logits_to_keep=completion_ids.shape[1] + 1)  # (N, C)
     return logps.float(), entropy
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(C, V) logits → (C,) entropy H = logsumexp(z) − Σ softmax(z)·z of each next-token distribution (float32)."""
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
-
-
-def sequence_logps(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+def sequence_logps(model, batch: dict, chunk_size: int | str | None = "auto") -> torch.Tensor:
     """(N,) summed log-probs of each sampled answer (its completion tokens) under `model`."""
-    logps, _ = completion_logps(model, batch, temperature)  # (N, C)
+    logps, _ = completion_logps(model, batch, chunk_size=chunk_size)  # (N, C)
     return logps.sum(dim=1)

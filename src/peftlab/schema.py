@@ -121,7 +121,7 @@ RULES: dict[str, Rule] = {
     "trainer.min_lr_ratio": number(0, 1), "trainer.max_grad_norm": number(0, above=True, null=True),
     "trainer.on_nonfinite": one_of("stop", "skip"), "trainer.max_skipped_steps": integer(0),
     "trainer.log_every": integer(1), "trainer.eval_every": integer(0), "trainer.save_every": integer(0),
-    "trainer.keep_checkpoints": integer(0), "trainer.gradient_checkpointing": FLAG,
+    "trainer.keep_checkpoints": integer(0), "trainer.gradient_checkpointing": one_of(True, False, "auto"),
     "trainer.precision": one_of("auto", "fp32", "bf16"), "trainer.seed": integer(0),
     "trainer.resume": Rule("text", null=True), "trainer.num_threads": integer(1, null=True),
     "trainer.eval_base": FLAG,

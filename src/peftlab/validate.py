@@ -112,6 +112,9 @@ def validate(cfg, device: torch.device) -> None:
     check_values(cfg)
 
     t = cfg.trainer
+    chunk = t.logits_chunk_size
+    check(chunk in (None, "auto") or isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0,
+          f"trainer.logits_chunk_size={chunk} must be auto, null or a positive integer (positions per chunk)")
     check(not (t.on_nonfinite == "skip" and cfg.dist.strategy == "deepspeed"),
           "trainer.on_nonfinite=skip is not supported under DeepSpeed (its optimizer steps inside the backward "
           "pass): use trainer.on_nonfinite=stop, or dist=ddp")

@@ -6,7 +6,8 @@ computes a loss from the policy. It declares what else it needs (`needs_referenc
 rollouts) in `state_dict()` so that checkpoints resume it exactly.
 
 Constructors take keyword-only arguments with no defaults: the values come from conf/algo/<name>.yaml, the one
-source of defaults, plus what the builder injects (`tokenizer`, `max_length`, `policy`: the policy's identity).
+source of defaults, plus what the builder injects (`tokenizer`, `max_length`, `policy`: the policy's identity, and
+`logits_chunk_size`: trainer.logits_chunk_size, for `peftlab.packing.token_logps`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ class Algorithm:
     needs_reference: bool = False   # the builder passes a `peftlab.models.Reference` to setup() when True
     head: str = "causal_lm"         # causal_lm (a policy) | score (a scalar-head sequence classifier: reward/cost)
     generates: bool = True          # whether the generation tasks of the `eval` group apply to the trained model
+    sequences_per_example: int = 1  # sequences one example puts in a micro-batch (pairs: 2), for memory estimates
 
-    def __init__(self, *, tokenizer, max_length: int, policy: PolicyIdentity, start_from: str):
+    def __init__(self, *, tokenizer, max_length: int, policy: PolicyIdentity, logits_chunk_size, start_from: str):
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.policy_identity = policy
+        self.logits_chunk_size = logits_chunk_size  # trainer.logits_chunk_size: how the LM head meets the loss
         self.start_from = start_from  # the builder reads it (through the policy identity) to pick the start model
 
     def setup(self, policy, *, reference, device, train_examples, eval_examples) -> None:

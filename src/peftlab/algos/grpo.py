@@ -85,6 +85,7 @@ class GRPO(Algorithm):
 
         self.accuracy_reward = accuracy_reward
         self.num_generations, self.max_new_tokens = int(num_generations), int(max_new_tokens)
+        self.sequences_per_example = self.num_generations  # a prompt's group of completions
         self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
         self.scale_rewards, self.loss_type = scale_rewards, loss_type
         self.beta, self.epsilon = float(beta), float(epsilon)
@@ -199,10 +200,10 @@ class GRPO(Algorithm):
         batch["advantages"] = advantages.to(samples.input_ids.device)
 
         if self.num_iterations > 1:  # π_old: the policy that generated, for the ratio of the reuse steps
-            batch["old_logps"], _ = completion_logps(model, batch, self.temperature)
+            batch["old_logps"], _ = completion_logps(model, batch, self.temperature, self.logits_chunk_size)
         if self.beta > 0:
             with self.reference.model() as reference:
-                batch["ref_logps"], _ = completion_logps(reference, batch, self.temperature)
+                batch["ref_logps"], _ = completion_logps(reference, batch, self.temperature, self.logits_chunk_size)
 
         lengths = batch["completion_mask"].sum(dim=1).float()  # (N,)
         metrics = {
@@ -225,7 +226,7 @@ class GRPO(Algorithm):
 
     def loss(self, model, batch):
         """The GRPO objective of one micro-batch (see the module docstring); metrics are `train/...` floats."""
-        logps, entropy = completion_logps(model, batch, self.temperature)  # (N, C), (N, C)
+        logps, entropy = completion_logps(model, batch, self.temperature, self.logits_chunk_size)  # (N, C), (N, C)
         old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
         loss, stats = losses.grpo_loss(
             logps,

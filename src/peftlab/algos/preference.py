@@ -23,7 +23,7 @@ from peftlab import losses
 from peftlab.algos.base import Algorithm
 from peftlab.data.format import IGNORE, collate_lm, collate_packed, encode_prompt_completion
 from peftlab.errors import ConfigError
-from peftlab.packing import enable_packed_sdpa, lm_logits
+from peftlab.packing import enable_packed_sdpa, token_logps
 from peftlab.sampling import eval_mode, to_device, unwrap
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -36,6 +36,7 @@ def completion_length(encoded: dict) -> int:
 
 class PreferenceAlgorithm(Algorithm):
     needs_reference = True
+    sequences_per_example = 2  # both answers of a pair
 
     def __init__(self, *, beta: float, loss_type: str, label_smoothing: float, rpo_alpha: float,
                  precompute_ref: bool, ref_batch_size: int, packing: bool, **common):
@@ -97,13 +98,13 @@ class PreferenceAlgorithm(Algorithm):
         for start in range(0, len(examples), batch_size):
             yield to_device(self.collate(examples[start:start + batch_size]), device)
 
-    @staticmethod
-    def answer_logps(model, batch: dict) -> torch.Tensor:
-        """(K·B,) summed completion log-probs under `model` (float32), from a padded or a packed batch."""
-        logits = lm_logits(model, batch)  # (K·B, L, V), or (1, T, V) packed
+    def answer_logps(self, model, batch: dict) -> torch.Tensor:
+        """(K·B,) summed completion log-probs under `model` (float32), from a padded or a packed batch; the LM
+        head runs in chunks of positions per trainer.logits_chunk_size (`peftlab.packing.token_logps`)."""
+        logps, _, _ = token_logps(model, batch, chunk_size=self.logits_chunk_size)  # (K·B, L-1), or (1, T-1)
         if "cu_seq_lens" in batch:
-            return losses.packed_sequence_logps(logits, batch["labels"], batch["cu_seq_lens"]).float()  # (K·B,)
-        return losses.sequence_logps(logits, batch["labels"]).float()  # (K·B,)
+            return losses.packed_sequence_sums(logps, batch["cu_seq_lens"]).float()  # (K·B,)
+        return logps.sum(dim=-1).float()  # (K·B,)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict) -> torch.Tensor:

@@ -28,6 +28,7 @@ OBJECTIVES = {"reward": "preference", "cost": "safety"}  # objective → the dat
 
 class RewardModel(Algorithm):
     head = "score"
+    sequences_per_example = 2  # both answers of a pair
     generates = False  # a scorer does not answer prompts: the toy generation tasks do not apply
 
     def __init__(self, *, objective: str, **common):

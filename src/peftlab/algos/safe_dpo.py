@@ -219,9 +219,9 @@ class SafeDPO(PreferenceAlgorithm):
     def sample_kl(self, policy, batch: dict[str, torch.Tensor]) -> list[float]:
         """log π(y|x) − log π_ref(y|x) of each sampled answer (summed over its tokens) of a `Samples` batch."""
         with eval_mode(policy):
-            policy_logps = sequence_logps(policy, batch)  # (N,)
+            policy_logps = sequence_logps(policy, batch, self.logits_chunk_size)  # (N,)
             with self.reference.model() as ref_model:
-                ref_logps = sequence_logps(ref_model, batch)  # (N,)
+                ref_logps = sequence_logps(ref_model, batch, self.logits_chunk_size)  # (N,)
         return (policy_logps - ref_logps).tolist()
 
     def on_step_end(self, model, step):

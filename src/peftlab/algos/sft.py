@@ -13,7 +13,7 @@ import torch
 from peftlab import losses
 from peftlab.algos.base import Algorithm
 from peftlab.data.format import IGNORE, collate_lm, collate_packed, encode_prompt_completion
-from peftlab.packing import enable_packed_sdpa, lm_logits
+from peftlab.packing import enable_packed_sdpa, token_logps
 from peftlab.sampling import model_device, to_device, unwrap
 
 
@@ -45,8 +45,8 @@ class SFT(Algorithm):
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
     def loss(self, model, batch):
-        logits = lm_logits(model, batch)  # (B, L, V), or (1, T, V) packed
-        loss, _ = losses.sft_loss(logits, batch["labels"])
+        logps, mask, _ = token_logps(model, batch, chunk_size=self.logits_chunk_size)  # (B, L-1), or (1, T-1) packed
+        loss, _ = losses.sft_loss_from_logps(logps, mask)
         return loss, {"train/loss": loss.item()}
 
     @torch.no_grad()
@@ -54,7 +54,8 @@ class SFT(Algorithm):
         total, count = 0.0, 0
         for start in range(0, len(examples), batch_size):
             batch = to_device(self.collate(examples[start:start + batch_size]), model_device(model))
-            loss, n = losses.sft_loss(lm_logits(model, batch), batch["labels"])
+            logps, mask, _ = token_logps(model, batch, chunk_size=self.logits_chunk_size)
+            loss, n = losses.sft_loss_from_logps(logps, mask)
             total += loss.item() * int(n)
             count += int(n)
         return {"eval/loss": total / max(count, 1)}

@@ -52,6 +52,9 @@ class StepClock:
         if "train/loss" in metrics:  # the end-of-run evaluation logs too, without a loss
             self.steps.step_end()
 
+    def log_samples(self, samples: list[dict], step: int, prefix: str) -> None:
+        pass
+
 
 def run_ours(cfg, device, log: StepLog) -> None:
     """Our real path: what train.run builds from `cfg` (peftlab.build.build_run), then peftlab.loop.train, one
