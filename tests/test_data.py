@@ -67,7 +67,7 @@ def test_named_schema_missing_column(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(DataError, match="data file not found"):
+    with pytest.raises(DataError, match="file not found"):
         load_splits(data_cfg(tmp_path / "nope.jsonl"), "sft")
 
 

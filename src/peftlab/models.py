@@ -34,7 +34,7 @@ def train_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_ok else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.float32)  # others: validate refuses
 
 
 def weights_dtype(model_cfg, compute: torch.dtype) -> torch.dtype:

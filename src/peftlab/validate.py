@@ -10,6 +10,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
+from peftlab import REPO_ROOT
 from peftlab.adapters import effective_alpha, resolve_targets
 from peftlab.errors import ConfigError
 from peftlab.models import same_checkpoint, starting_adapter
@@ -109,6 +110,7 @@ def validate(cfg, device: torch.device) -> None:
     missing = OmegaConf.missing_keys(cfg)
     check(not missing, f"required key(s) not set: {sorted(missing)} (pass them as key=value)")
     check_known_keys(cfg)
+    model_config = load_model_config(cfg.model)  # before the values: a missing checkpoint explains what follows
     check_values(cfg)
 
     t = cfg.trainer
@@ -128,6 +130,10 @@ def validate(cfg, device: torch.device) -> None:
         problem = bitsandbytes_problem(device)
         check(problem is None, f"peft={p.method} (peft.quantize={p.quantize}) cannot run here: {problem}; use peft=lora")
 
+    shipped_adapter = Path(str(cfg.model.sft_adapter or "")).is_relative_to(REPO_ROOT / "assets" / "adapters")
+    check(not shipped_adapter or Path(str(cfg.model.name_or_path)).is_relative_to(REPO_ROOT / "assets" / "models"),
+          f"model.name_or_path={cfg.model.name_or_path} with a shipped toy model preset (its max_length "
+          f"{cfg.model.max_length}, its SFT adapter): use model=local model.name_or_path={cfg.model.name_or_path}")
     start = cfg.algo.start_from
     if start == "sft" and not cfg.model.adapter:
         check(bool(cfg.model.sft_adapter),
@@ -139,7 +145,6 @@ def validate(cfg, device: torch.device) -> None:
         head = get_class(cfg.algo._target_).head
         check_start_adapter(f"model.{key}={adapter}", Path(str(adapter)), cfg.model, cfg.peft, head)
 
-    model_config = load_model_config(cfg.model)
     if p.method != "none":
         linears = linear_module_names(model_config)
         for target in resolve_targets(p.targets, cfg.model.family):

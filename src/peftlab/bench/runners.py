@@ -22,7 +22,8 @@ def our_config(model_dir: Path, data_file: Path, peft: str, algo: str, args):
     from omegaconf import OmegaConf, open_dict
 
     overrides = [
-        f"model.name_or_path={model_dir}", f"model.max_length={args.seq_len}", f"peft={peft}", f"algo={algo}",
+        "model=local", f"model.name_or_path={model_dir}", f"model.max_length={args.seq_len}", f"peft={peft}",
+        f"algo={algo}",
         "algo.start_from=base", "logger=none", "eval=none", "trainer.eval_base=false",
         f"data.path={data_file}", "data.eval_path=null", "data.eval_size=0",
         f"trainer.max_steps={args.warmup + args.steps}",
