@@ -17,7 +17,13 @@ def test_readme_lists_every_group_option():
 
 
 def test_ci_runs_the_readme_commands():
-    ci = (REPO / ".ci" / "run").read_text()
+    """CI runs the README's two test commands, and the Makefile runs the install and test commands the README
+    gives for people who manage their own environment."""
+    ci, makefile = (REPO / ".ci" / "run").read_text(), (REPO / "Makefile").read_text()
+    for command in ("make test", "make test-slow"):
+        assert command in README and command in ci, command
     for command in ("pip install torch==2.13.0", "pip install -r requirements.txt", "python -m pytest",
                     "python -m pytest -m slow"):
-        assert command in README and command in ci, command
+        assert command in README, command
+    assert 'pip install "$(TORCH)"' in makefile and "TORCH ?= torch==2.13.0" in makefile
+    assert "pip install -r requirements.txt" in makefile and "python -m pytest -m slow" in makefile
