@@ -156,7 +156,7 @@ def build_config(preset: str, dtype: torch.dtype = torch.bfloat16, token_ids: di
     from transformers import AutoConfig
 
     if preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     fields = dict(PRESETS[preset]["config"])
     fields.update(token_ids or {})
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -212,21 +212,23 @@ def write_checkpoint(preset: str, out_dir, seed: int = 0, dtype: torch.dtype = t
                      shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write `preset` with random weights to out_dir (config, generation config, weights, toy tokenizer).
 
-    Memory: one shard's tensors plus the serialization of that shard, whatever the model's size. The weights
-    depend only on (preset, seed, dtype), not on shard_bytes.
+    Memory: about one shard's tensors, whatever the model's size. The weights depend only on (preset, seed, dtype),
+    not on shard_bytes. Weights already in out_dir are replaced (a stale index would otherwise win).
     """
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("model*.safetensors"), *out_dir.glob("model.safetensors.index.json")]:
+        old.unlink()
     tokenizer = load_toy_tokenizer()
     token_ids = toy_token_ids(tokenizer)
     config = build_config(preset, dtype, token_ids)
     model = meta_model(config)
     shapes = parameter_shapes(model)
     if max(token_ids.values()) >= config.vocab_size:
-        raise SystemExit(f"the toy tokenizer's ids {token_ids} do not fit the vocabulary of {config.vocab_size}")
+        raise ValueError(f"the toy tokenizer's ids {token_ids} do not fit the vocabulary of {config.vocab_size}")
 
     bytes_per_element = torch.empty((), dtype=dtype).element_size()
     shards = plan_shards(shapes, bytes_per_element, shard_bytes)
@@ -240,8 +242,9 @@ def write_checkpoint(preset: str, out_dir, seed: int = 0, dtype: torch.dtype = t
         weight_map.update({name: file_name for name in names})
         del tensors
     if len(shards) > 1:
-        total_size = sum(shape.numel() for shape in shapes.values()) * bytes_per_element
-        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        total_parameters = sum(shape.numel() for shape in shapes.values())
+        metadata = {"total_parameters": total_parameters, "total_size": total_parameters * bytes_per_element}
+        index = {"metadata": metadata, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     config.architectures = [type(model).__name__]

@@ -55,6 +55,7 @@ def test_tiny_checkpoint_is_sharded_and_loads(tiny_dir):
     stored = safetensors_tensors(tiny_dir)
     assert set(stored) == set(index["weight_map"])
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
+    assert index["metadata"]["total_parameters"] == PRESETS[TINY]["parameters"]
     assert {t.dtype for t in stored.values()} == {torch.bfloat16}
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
@@ -94,6 +95,12 @@ def test_weights_depend_on_seed_not_on_shard_size(tiny_dir, tmp_path):
     sharded = safetensors_tensors(tiny_dir)
     assert all(torch.equal(sharded[name], same_seed[name]) for name in sharded)
     assert not torch.equal(sharded["model.embed_tokens.weight"], other_seed["model.embed_tokens.weight"])
+
+
+def test_rewriting_a_directory_replaces_its_old_shards(tmp_path):
+    write_checkpoint(TINY, tmp_path / "ckpt", shard_bytes=100_000)
+    write_checkpoint(TINY, tmp_path / "ckpt", shard_bytes=10**9)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("model*")) == ["model.safetensors"]
 
 
 def test_tiny_checkpoint_trains_through_train_py(tiny_dir, tmp_path):
