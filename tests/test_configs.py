@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose
+from conftest import CONF, REPO, compose
 from peftlab.validate import validate
 
 GROUPS = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in CONF.iterdir() if d.is_dir() and d.name != "hydra"}
@@ -25,6 +25,8 @@ def group_overrides():
                 continue
             if group in ("trainer", "data") and option.startswith("toy_") and option[4:] in GROUPS["algo"]:
                 yield [f"algo={option[4:]}", f"{group}={option}"]
+            elif (group, option) == ("model", "local"):  # your checkpoint: its directory is required
+                yield [f"model.name_or_path={REPO / 'assets' / 'models' / 'tiny_llama'}", "model=local"]
             else:
                 yield [f"{group}={option}"]
 

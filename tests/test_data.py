@@ -35,7 +35,7 @@ def write(path, rows):
 
 def data_cfg(path, **extra):
     return OmegaConf.create({"path": str(path), "name": None, "data_dir": None, "eval_path": None, "split": "train",
-                             "eval_split": None, "eval_size": 2, "schema": "auto", "max_rows": None,
+                             "eval_split": None, "eval_size": 2, "schema": "auto", "max_rows": None, "max_eval_rows": None,
                              "system_prompt": None, **extra})
 
 

@@ -128,7 +128,8 @@ RULES: dict[str, Rule] = {
     # data
     "data.path": TEXT, "data.name": Rule("text", null=True), "data.eval_path": Rule("text", null=True),
     "data.split": TEXT, "data.eval_split": Rule("text", null=True), "data.eval_size": integer(0),
-    "data.schema": TEXT, "data.max_rows": integer(1, null=True), "data.system_prompt": Rule("text", null=True),
+    "data.schema": TEXT, "data.max_rows": integer(1, null=True), "data.max_eval_rows": integer(1, null=True),
+    "data.data_dir": Rule("text", null=True), "data.system_prompt": Rule("text", null=True),
     # eval
     "eval.max_new_tokens": integer(0), "eval.batch_size": integer(1), "eval.applies": FLAG,
     "eval.num_samples": integer(0), "eval.limit": number(0, above=True, null=True),

@@ -160,6 +160,9 @@ def load_splits(data_cfg, kind: str, seed: int = 0) -> Splits:
         eval_rows = [r for i, r in enumerate(train_rows) if i in held]
         train_rows = [r for i, r in enumerate(train_rows) if i not in held]
         source = f"{len(eval_rows)} rows carved from data.path={path} (data.eval_size, seed {seed})"
+    if data_cfg.max_eval_rows and not carved and len(eval_rows) > int(data_cfg.max_eval_rows):
+        eval_rows = eval_rows[: int(data_cfg.max_eval_rows)]  # a whole test split would be re-read at every eval
+        source += f" (its first {len(eval_rows)} rows, data.max_eval_rows)"
     if data_cfg.max_rows:
         train_rows = train_rows[: int(data_cfg.max_rows)]
     system = data_cfg.system_prompt
