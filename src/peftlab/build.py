@@ -27,9 +27,8 @@ from peftlab import dist
 from peftlab.data import load_splits
 from peftlab.errors import ConfigError, DataError
 from peftlab.evaluation import Evaluator
-from peftlab.models import (PolicyIdentity, Reference, build_policy, count_parameters, load_tokenizer, policy_identity,
-                            train_dtype, use_checkpointing, weights_dtype)
-from peftlab.validate import load_model_config
+from peftlab.models import (PolicyIdentity, Reference, build_policy, count_parameters, load_model_config, load_tokenizer,
+                            policy_identity, train_dtype, use_checkpointing, weights_dtype)
 
 INJECTED = ("tokenizer", "max_length", "policy", "logits_chunk_size")  # what every algorithm gets besides conf/algo/
 

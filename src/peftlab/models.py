@@ -24,6 +24,7 @@ import torch
 
 from peftlab import REPO_ROOT
 from peftlab.adapters import lora_config, quantization_config
+from peftlab.errors import ConfigError
 from peftlab.sampling import unwrap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,6 +115,33 @@ def policy_identity(model_cfg, peft_cfg, start_from: str) -> PolicyIdentity:
     return PolicyIdentity(base=_canonical(model_cfg.name_or_path),
                           start_adapter=_canonical(starting_adapter(model_cfg, start_from)),
                           quantize=quantize or None, peft_method=str(peft_cfg.method))
+
+
+def hub_hint(name: str) -> str:
+    return (
+        f"model.name_or_path={name} is not a local directory and could not be fetched from the hub "
+        f"(offline?). Download it where the hub is reachable (`hf download {name} --local-dir DIR`) "
+        "and pass model.name_or_path=DIR"
+    )
+
+
+def load_model_config(model_cfg):
+    """The architecture config alone (no weights): from a local dir, the local hub cache, or the hub."""
+    from transformers import AutoConfig
+
+    name = str(model_cfg.name_or_path)
+    if Path(name).expanduser().exists():
+        if not (Path(name).expanduser() / "config.json").exists():
+            raise ConfigError(f"model.name_or_path={name} has no config.json")
+        return AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    for local_only in (True, False):
+        try:
+            return AutoConfig.from_pretrained(
+                name, local_files_only=local_only, trust_remote_code=model_cfg.trust_remote_code
+            )
+        except Exception:  # not cached / unreachable / no such repo: all end in the same advice
+            continue
+    raise ConfigError(hub_hint(name))
 
 
 def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from peftlab import REPO_ROOT
 from peftlab.adapters import effective_alpha, resolve_targets
 from peftlab.errors import ConfigError
-from peftlab.models import same_checkpoint, starting_adapter
+from peftlab.models import load_model_config, same_checkpoint, starting_adapter
 from peftlab.evaluation import check_eval
 from peftlab.schema import check_known_keys, check_values
 from peftlab.tracking import check_wandb_online
@@ -22,32 +22,6 @@ from peftlab.tracking import check_wandb_online
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
-
-
-def hub_hint(name: str) -> str:
-    return (
-        f"model.name_or_path={name} is not a local directory and could not be fetched from the hub "
-        f"(offline?). Download it where the hub is reachable (`hf download {name} --local-dir DIR`) "
-        "and pass model.name_or_path=DIR"
-    )
-
-
-def load_model_config(model_cfg):
-    """The architecture config alone (no weights): from a local dir, the local hub cache, or the hub."""
-    from transformers import AutoConfig
-
-    name = str(model_cfg.name_or_path)
-    if Path(name).expanduser().exists():
-        check((Path(name).expanduser() / "config.json").exists(), f"model.name_or_path={name} has no config.json")
-        return AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
-    for local_only in (True, False):
-        try:
-            return AutoConfig.from_pretrained(
-                name, local_files_only=local_only, trust_remote_code=model_cfg.trust_remote_code
-            )
-        except Exception:  # not cached / unreachable / no such repo: all end in the same advice
-            continue
-    raise ConfigError(hub_hint(name))
 
 
 def linear_module_names(model_config) -> set[str]:
