@@ -309,3 +309,27 @@ def test_ctrl_c_and_usr2_checkpoint_the_current_step(tmp_path, sig, code):
     assert process.returncode == code and "Traceback" not in stderr, stderr[-2000:]
     stopped_at = checkpoint.step_of(checkpoint.find("auto", run_dir))
     assert stopped_at == max(step_losses(run_dir)) and not (run_dir / "summary.json").exists()
+
+
+def test_a_stop_during_the_base_evaluation_leaves_a_resumable_directory(tmp_path, monkeypatch):
+    """SIGTERM while the starting model is evaluated: exit 143, no checkpoint and no summary, and the same command
+    then runs the whole run from step 0 in that directory."""
+    from peftlab.evaluation import Evaluator
+
+    real_call = Evaluator.__call__
+
+    def stopped_midway(self, model, prefix):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler records it; the evaluation goes on to its end
+        return real_call(self, model, prefix)
+
+    monkeypatch.setattr(Evaluator, "__call__", stopped_midway)
+    overrides = [*FAST, "trainer.max_steps=3", "trainer.batch_size=4", "trainer.eval_base=true"]
+    with pytest.raises(SystemExit) as stopped:
+        train_run(tmp_path / "run", overrides)
+    assert stopped.value.code == 143
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists()
+    monkeypatch.setattr(Evaluator, "__call__", real_call)
+    train_run(run_dir, overrides)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert sorted(step_losses(run_dir)) == [1, 2, 3]

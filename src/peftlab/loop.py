@@ -142,6 +142,7 @@ def train(t, run, *, accelerator, run_dir: Path, runlog, resume_from: Path | Non
     device, deepspeed = accelerator.device, dist.uses_deepspeed(accelerator)
     results: dict = {}
 
+    stop = StopFlag()  # from here on, a stop signal ends the run cleanly (a resumable directory, never a bare one)
     start_step = 0
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer, scheduler, algo, accelerator, verify=False)
@@ -154,8 +155,9 @@ def train(t, run, *, accelerator, run_dir: Path, runlog, resume_from: Path | Non
         runlog.log(results, step=0)
         runlog.log_samples(samples, step=0, prefix="base")
     base_figures = dict(results)
+    if accelerator.reduce(torch.tensor(float(stop.raised), device=device), reduction="sum").item() > 0:
+        return model, {"interrupted_at": start_step, "stop": stop}  # during the base evaluation: nothing to save
 
-    stop = StopFlag()
     model.train()
     train_tokens, train_time, last, skipped, skipped_in_a_row = 0, 0.0, {}, 0, 0
     progress = Progress(t.max_steps, start_step, accelerator.is_main_process, t.log_every)
