@@ -207,3 +207,21 @@ def test_plots_are_readable():
 
         for fig in figs.values():
             plt.close(fig)
+
+
+def test_a_job_that_fails_does_not_stop_the_sweep_and_compare_lists_it(tmp_path):
+    """A real multirun in which one job has a config mistake: the other jobs run, the failed one keeps its directory
+    with status failed and its error line, Hydra reports the failure at the end, compare lists it in its footer."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "train.py", "-m", "peft.targets=attn,[qq_proj],mlp", "trainer.max_steps=2",
+                             "eval=none", "trainer.eval_base=false", "logger=none", "trainer.num_threads=1",
+                             f"hydra.sweep.dir={sweep}"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode != 0 and "qq_proj" in result.stderr  # Hydra reports the failed job after the sweep
+    statuses = {job: json.loads((sweep / job / "summary.json").read_text())["status"] for job in ("0", "1", "2")}
+    assert statuses == {"0": "finished", "1": "failed", "2": "finished"}
+    assert FAILED_ERROR in json.loads((sweep / "1" / "summary.json").read_text())["error"]
+    report = run_cli(sweep, "--out", tmp_path / "report")
+    assert report.returncode == 0, report.stderr
+    assert FAILED_ERROR in report.stdout and len(table_rows(section(report.stdout, "All finished runs"))) == 2

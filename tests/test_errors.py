@@ -156,3 +156,24 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: peft.r=0 must be a positive integer (the adapter rank)"
     assert not run_dir.exists()
+
+
+def test_a_local_checkpoint_brings_its_own_settings_and_no_toy_adapter(tmp_path, capsys):
+    """model=local with a Llama-architecture directory: algo=dpo (which starts from an SFT adapter) stops with one
+    line, since no toy adapter applies to it; from the base it trains at the checkpoint's own context length."""
+    import shutil
+
+    my_llama = tmp_path / "my-llama"
+    shutil.copytree(TINY_LLAMA, my_llama)
+    expect_error(tmp_path, capsys, ["model=local", f"model.name_or_path={my_llama}", "algo=dpo"],
+                 r"algo.start_from=sft but model .*my-llama has no sft_adapter: pass model.adapter=")
+    run_dir = train_run(tmp_path / "base", [*FAST, "model=local", f"model.name_or_path={my_llama}", "algo=dpo",
+                                            "algo.start_from=base", "trainer.max_steps=1", "trainer.batch_size=4"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((my_llama / "config.json").read_text())
+    assert summary["status"] == "finished" and summary["start_adapter"] is None
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert OmegaConf.to_container(saved.model, resolve=True)["max_length"] == min(config["max_position_embeddings"], 2048)
+    assert OmegaConf.to_container(saved.model, resolve=True)["family"] == "llama"
