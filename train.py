@@ -46,6 +46,7 @@ class JobFailed(RuntimeError):
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    quiet_known_noise()  # again: a parallel launcher's worker process imports this module without running it
     hydra_cfg = HydraConfig.get()
     group = sweep_group(hydra_cfg.sweep.dir) if hydra_cfg.mode.name == "MULTIRUN" else None
     return run(cfg, Path(hydra_cfg.runtime.output_dir), dict(hydra_cfg.runtime.choices),

@@ -20,6 +20,16 @@ sys.path.insert(0, str(REPO))  # train.py lives at the repository root
 
 import peftlab  # noqa: E402,F401  (registers ${repo:...})
 
+@pytest.fixture(autouse=True)
+def own_environment():
+    """Each test gets the environment it started with back: an in-process DeepSpeed run sets RANK, MASTER_PORT and
+    the like for its world of one, and later tests' subprocesses (parallel sweep jobs) would inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 FAST = ["logger=none", "eval=none", "trainer.eval_base=false", "trainer.log_every=1"]
 
 

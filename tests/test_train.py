@@ -186,6 +186,39 @@ def test_qlora_gradients_survive_an_eval_pass(guarded):
         assert worst > 1e-2, "expected the unguarded repack to corrupt gradients on this CPU"
 
 
+@pytest.mark.parametrize("head", ["causal_lm", "score"])
+@pytest.mark.parametrize("model", MODELS)
+def test_lean_4bit_load_equals_from_pretrained(model, head, monkeypatch):
+    """A quantized local base is read from pread slices (models.load_quantized_local): the same 4-bit model,
+    name and generation settings as transformers' own from_pretrained, which the fallback still uses."""
+    import peftlab.models as models
+
+    cfg, _ = compose(["peft=qlora", f"model={model}"])
+    lean = base_of(cfg, head=head)
+    monkeypatch.setattr(models, "load_quantized_local", lambda *args, **kwargs: None)
+    plain = base_of(cfg, head=head)
+    assert type(lean) is type(plain) and lean.name_or_path == plain.name_or_path == str(cfg.model.name_or_path)
+    assert lean.config.to_dict() == plain.config.to_dict()
+    if head == "causal_lm":
+        assert lean.generation_config.to_dict() == plain.generation_config.to_dict()
+    lean_weights, plain_weights = lean.state_dict(), plain.state_dict()
+    assert lean_weights.keys() == plain_weights.keys()
+    for name, tensor in plain_weights.items():
+        if name.endswith("score.weight"):  # a fresh head: random in both
+            continue
+        assert torch.equal(lean_weights[name], tensor), name
+
+
+def test_4bit_base_keeps_model_dtype_for_its_other_weights():
+    """Embeddings, norms and head stay at model.dtype (no float32 copy as PEFT's prepare_model_for_kbit_training
+    makes): a bf16 4-bit policy holds bf16 and uint8 base weights, and its adapter trains in float32."""
+    cfg, _ = compose(["peft=qlora", "model.dtype=bfloat16"])
+    model = policy_of(cfg)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16, torch.uint8} and trainable == {torch.float32}
+
+
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     """2 micro-batches of 4 give the same per-step losses as one batch of 8 (token-weighted accumulation)."""
     common = [*FAST, "trainer.max_steps=4", "trainer.save_every=0", "peft.dropout=0.0"]

@@ -161,20 +161,59 @@ def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def lazy_safetensors(directory: Path) -> dict | None:
+    """The tensors of a local safetensors checkpoint as lazy slices read with pread rather than mmap, or None when
+    the directory holds no safetensors. Each tensor is then read once, quantized and dropped; an mmap'd file would
+    keep every page it touched resident until the model is built, a full-precision copy of the base."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return None
+    tensors = {}
+    for file in files:
+        handle = safe_open(str(file), framework="pt", device="cpu", backend="pread")
+        tensors.update({name: handle.get_slice(name) for name in handle.keys()})
+    return tensors
+
+
+def load_quantized_local(directory: Path, model_cfg, model_class, **kwargs):
+    """A local checkpoint loaded straight into 4-bit from pread slices (see lazy_safetensors), or None when that
+    route does not apply (no safetensors, remote code); the caller then uses plain `from_pretrained`."""
+    from transformers import AutoConfig, GenerationConfig
+
+    tensors = lazy_safetensors(directory)
+    if tensors is None or model_cfg.trust_remote_code:
+        return None
+    config = AutoConfig.from_pretrained(directory)
+    if type(config) not in model_class._model_mapping:
+        return None
+    for key in [k for k in kwargs if hasattr(config, k)]:  # e.g. num_labels: with a config given, they go on it
+        setattr(config, key, kwargs.pop(key))
+    concrete = model_class._model_mapping[type(config)]
+    model = concrete.from_pretrained(None, config=config, state_dict=tensors, **kwargs)
+    model.name_or_path = model.config._name_or_path = str(directory)  # what PEFT writes as the adapter's base
+    if model.can_generate():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        except OSError:  # no generation_config.json: the model config's defaults, as from_pretrained does
+            model.generation_config = GenerationConfig.from_model_config(config)
+    return model
+
+
 def load_pretrained(name_or_path: str, model_cfg, dtype, device, quant=None, model_class=None, **kwargs):
-    """`from_pretrained` with our dtype/device/quantization conventions (used for policy, reward and cost models)."""
+    """`from_pretrained` with our dtype/device/quantization conventions (used for policy, reward and cost models).
+    A quantized local checkpoint takes the lean route of load_quantized_local."""
     from transformers import AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
-    model = model_class.from_pretrained(
-        name_or_path,
-        dtype=dtype,
-        quantization_config=quant,
-        device_map={"": device} if quant is not None else None,
-        attn_implementation=model_cfg.attn_implementation,
-        trust_remote_code=model_cfg.trust_remote_code,
-        **kwargs,
-    )
+    kwargs = dict(kwargs, dtype=dtype, quantization_config=quant, attn_implementation=model_cfg.attn_implementation,
+                  device_map={"": device} if quant is not None else None)
+    local = Path(name_or_path).expanduser()
+    model = load_quantized_local(local, model_cfg, model_class, **kwargs) if quant is not None and local.is_dir() \
+        else None
+    if model is None:
+        model = model_class.from_pretrained(name_or_path, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     if quant is None:
         model.to(device)
     disable_cpu_4bit_repack(model)
@@ -272,17 +311,14 @@ def build_policy(model_cfg, peft_cfg, *, start_adapter: str | None, compute: tor
                  head: str, gradient_checkpointing: bool, reference_adapter: bool = False):
     """The model a run trains: the base, prepared for training, with its trainable adapter (peft=none: every
     weight trains). With `reference_adapter` and a start adapter, a frozen copy of it is loaded as "reference"."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     model = build_base(model_cfg, peft_cfg, compute=compute, device=device, head=head)
-    ckpt_kwargs = {"use_reentrant": False}
-    if getattr(model, "is_quantized", False):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    # The base is frozen (get_peft_model freezes it too); unlike PEFT's prepare_model_for_kbit_training, the 4-bit
+    # base's other weights (embeddings, norms, head) keep model.dtype instead of a float32 copy.
+    model.requires_grad_(False)
     if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
     if peft_cfg.method == "none":  # a full fine-tune from an adapter starts from the merged weights
