@@ -28,7 +28,7 @@ from peftlab.data import load_splits
 from peftlab.errors import ConfigError, DataError
 from peftlab.evaluation import Evaluator
 from peftlab.models import (PolicyIdentity, Reference, build_policy, count_parameters, load_model_config, load_tokenizer,
-                            policy_identity, train_dtype, use_checkpointing, weights_dtype)
+                            policy_identity, release_host_memory, train_dtype, use_checkpointing, weights_dtype)
 
 INJECTED = ("tokenizer", "max_length", "policy", "logits_chunk_size")  # what every algorithm gets besides conf/algo/
 
@@ -77,6 +77,8 @@ def build_run(cfg, accelerator) -> Run:
     from accelerate.utils import set_seed
 
     set_seed(cfg.trainer.seed)
+    if cfg.trainer.release_host_memory:
+        release_host_memory()  # before the weights load: loading is one of the peaks
     tokenizer = load_tokenizer(cfg.model)
     identity = policy_identity(cfg.model, cfg.peft, cfg.algo.start_from)
     algo = make_algorithm(cfg.algo, tokenizer=tokenizer, max_length=cfg.model.max_length, policy=identity,

@@ -161,6 +161,25 @@ def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter: the size from which malloc maps a buffer of its own
+
+
+def release_host_memory() -> bool:
+    """Make glibc give host buffers of 1 MiB and more back to the OS when they are freed (trainer.release_host_memory).
+
+    By default glibc raises its mmap threshold as large buffers come and go, and serves them from a heap it keeps:
+    the process's resident memory then stays at its high-water mark of fragments, which on CPU is most of a step's
+    peak. Returns False where there is no glibc (macOS, musl): nothing changes there.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1
+
+
 def lazy_safetensors(directory: Path) -> dict | None:
     """The tensors of a local safetensors checkpoint as lazy slices read with pread rather than mmap, or None when
     the directory holds no safetensors. Each tensor is then read once, quantized and dropped; an mmap'd file would

@@ -125,6 +125,7 @@ RULES: dict[str, Rule] = {
     "trainer.precision": one_of("auto", "fp32", "bf16"), "trainer.seed": integer(0),
     "trainer.resume": Rule("text", null=True), "trainer.num_threads": integer(1, null=True),
     "trainer.eval_base": FLAG,
+    "trainer.release_host_memory": FLAG,
     # data
     "data.path": TEXT, "data.name": Rule("text", null=True), "data.eval_path": Rule("text", null=True),
     "data.split": TEXT, "data.eval_split": Rule("text", null=True), "data.eval_size": integer(0),
