@@ -118,3 +118,22 @@ def test_cli_lists_every_preset(capsys):
     main(["--list"])
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == list(PRESETS)
+
+
+@pytest.mark.parametrize("preset,tokens,quantized,expected", [
+    ("qwen2.5-0.5b", 2 * 1024, False, True),   # 5.6 GB of fp32 activations against 2.1 GB of weights
+    ("qwen2.5-0.5b", 2 * 128, False, False),   # a short batch keeps its activations
+    ("mistral-7b-v0.3", 12 * 512, True, True),  # 4-bit weights are small: activations decide
+    ("mistral-7b-v0.3", 2 * 128, False, False),  # 32 GB of fp32 weights dwarf a short batch
+    (TINY, 16 * 128, False, False),             # the toy scale never pays for recomputation
+])
+def test_auto_checkpointing_follows_the_architecture(preset, tokens, quantized, expected):
+    """trainer.gradient_checkpointing=auto: on when the kept activations outweigh the weights and 1 GiB."""
+    from peftlab.memory import activation_bytes, use_checkpointing, weight_bytes
+
+    config = build_config(preset)
+    assert use_checkpointing("auto", config, tokens, torch.float32, quantized) is expected
+    assert use_checkpointing(True, config, 1, torch.float32, quantized) and not use_checkpointing(
+        False, config, 10**6, torch.float32, quantized)
+    kept, weights = activation_bytes(config, tokens, torch.float32), weight_bytes(config, torch.float32, quantized)
+    assert (kept > max(weights, 2**30)) is expected

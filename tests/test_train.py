@@ -221,7 +221,7 @@ def test_4bit_base_keeps_model_dtype_for_its_other_weights():
 
 HEAP_PROBE = """
 import sys, torch
-from peftlab.models import release_host_memory
+from peftlab.memory import release_host_memory
 released = sys.argv[1] == "release" and release_host_memory()
 def resident():
     return int(open("/proc/self/statm").read().split()[1]) * 4096

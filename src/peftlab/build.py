@@ -27,8 +27,9 @@ from peftlab import dist
 from peftlab.data import load_splits
 from peftlab.errors import ConfigError, DataError
 from peftlab.evaluation import Evaluator
+from peftlab.memory import release_host_memory, use_checkpointing
 from peftlab.models import (PolicyIdentity, Reference, build_policy, count_parameters, load_model_config, load_tokenizer,
-                            policy_identity, release_host_memory, train_dtype, use_checkpointing, weights_dtype)
+                            policy_identity, train_dtype, weights_dtype)
 
 INJECTED = ("tokenizer", "max_length", "policy", "logits_chunk_size")  # what every algorithm gets besides conf/algo/
 

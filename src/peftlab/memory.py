@@ -1,0 +1,53 @@
+"""What a run's memory will be, decided before the weights load: gradient checkpointing from the architecture,
+and how the host allocator hands freed buffers back (CPU runs)."""
+
+from __future__ import annotations
+
+import torch
+
+CHECKPOINTING_FLOOR_BYTES = 2**30  # below this, activations are cheap whatever the model: recomputing costs time only
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter: the size from which malloc maps a buffer of its own
+
+
+def release_host_memory() -> bool:
+    """Make glibc give host buffers of 1 MiB and more back to the OS when they are freed (trainer.release_host_memory).
+
+    By default glibc raises its mmap threshold as large buffers come and go, and serves them from a heap it keeps:
+    the process's resident memory then stays at its high-water mark of fragments, which on CPU is most of a step's
+    peak. Returns False where there is no glibc (macOS, musl): nothing changes there.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1
+
+
+def activation_bytes(model_config, tokens: int, dtype: torch.dtype) -> int:
+    """What the backward pass keeps of a decoder's activations for `tokens` tokens of one micro-batch, without
+    checkpointing: per layer and token about 10 hidden-sized tensors (norms, q/k/v, attention output, residuals)
+    and 4 intermediate-sized ones (gate, up, their product, down's input)."""
+    config = model_config.get_text_config()
+    per_token = 10 * config.hidden_size + 4 * config.intermediate_size
+    return int(config.num_hidden_layers * tokens * per_token * torch.finfo(dtype).bits // 8)
+
+
+def weight_bytes(model_config, dtype: torch.dtype, quantized: bool) -> int:
+    """The frozen base's size: its parameters at the weights' dtype (about half a byte each in 4-bit)."""
+    config = model_config.get_text_config()
+    layer = 4 * config.hidden_size ** 2 + 3 * config.hidden_size * config.intermediate_size
+    embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    per_parameter = 0.5 if quantized else torch.finfo(dtype).bits / 8
+    return int(config.num_hidden_layers * layer * per_parameter + embeddings * torch.finfo(dtype).bits / 8)
+
+
+def use_checkpointing(setting, model_config, tokens: int, dtype: torch.dtype, quantized: bool) -> bool:
+    """trainer.gradient_checkpointing: true/false as given; auto recomputes activations in backward when keeping
+    them would take more memory than the base's weights and more than CHECKPOINTING_FLOOR_BYTES (the toy models
+    never reach it: they stay fast; a 0.5B model at 2 × 1,024 tokens does)."""
+    if setting != "auto":
+        return bool(setting)
+    kept = activation_bytes(model_config, tokens, dtype)
+    return kept > max(weight_bytes(model_config, dtype, quantized), CHECKPOINTING_FLOOR_BYTES)
