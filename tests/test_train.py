@@ -186,16 +186,17 @@ def test_qlora_gradients_survive_an_eval_pass(guarded):
         assert worst > 1e-2, "expected the unguarded repack to corrupt gradients on this CPU"
 
 
+@pytest.mark.parametrize("peft", ["lora", "qlora"])
 @pytest.mark.parametrize("head", ["causal_lm", "score"])
 @pytest.mark.parametrize("model", MODELS)
-def test_lean_4bit_load_equals_from_pretrained(model, head, monkeypatch):
-    """A quantized local base is read from pread slices (models.load_quantized_local): the same 4-bit model,
+def test_lean_load_equals_from_pretrained(model, head, peft, monkeypatch):
+    """A local base is read from pread slices (models.load_local_checkpoint): the same model (fp32 or 4-bit),
     name and generation settings as transformers' own from_pretrained, which the fallback still uses."""
     import peftlab.models as models
 
-    cfg, _ = compose(["peft=qlora", f"model={model}"])
+    cfg, _ = compose([f"peft={peft}", f"model={model}"])
     lean = base_of(cfg, head=head)
-    monkeypatch.setattr(models, "load_quantized_local", lambda *args, **kwargs: None)
+    monkeypatch.setattr(models, "load_local_checkpoint", lambda *args, **kwargs: None)
     plain = base_of(cfg, head=head)
     assert type(lean) is type(plain) and lean.name_or_path == plain.name_or_path == str(cfg.model.name_or_path)
     assert lean.config.to_dict() == plain.config.to_dict()

@@ -163,8 +163,9 @@ def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
 
 def lazy_safetensors(directory: Path) -> dict | None:
     """The tensors of a local safetensors checkpoint as lazy slices read with pread rather than mmap, or None when
-    the directory holds no safetensors. Each tensor is then read once, quantized and dropped; an mmap'd file would
-    keep every page it touched resident until the model is built, a full-precision copy of the base."""
+    the directory holds no safetensors. Each tensor is then read once, converted (to the run's dtype, or to 4-bit)
+    and dropped; an mmap'd file keeps every page it touched resident until the model is built, a second copy of
+    the base on top of the converted one."""
     from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
@@ -177,9 +178,10 @@ def lazy_safetensors(directory: Path) -> dict | None:
     return tensors
 
 
-def load_quantized_local(directory: Path, model_cfg, model_class, **kwargs):
-    """A local checkpoint loaded straight into 4-bit from pread slices (see lazy_safetensors), or None when that
-    route does not apply (no safetensors, remote code); the caller then uses plain `from_pretrained`."""
+def load_local_checkpoint(directory: Path, model_cfg, model_class, **kwargs):
+    """A local checkpoint built from pread slices (see lazy_safetensors), or None when that route does not apply
+    (no safetensors, remote code, an architecture `model_class` does not map); the caller then uses plain
+    `from_pretrained`."""
     from transformers import AutoConfig, GenerationConfig
 
     tensors = lazy_safetensors(directory)
@@ -203,15 +205,14 @@ def load_quantized_local(directory: Path, model_cfg, model_class, **kwargs):
 
 def load_pretrained(name_or_path: str, model_cfg, dtype, device, quant=None, model_class=None, **kwargs):
     """`from_pretrained` with our dtype/device/quantization conventions (used for policy, reward and cost models).
-    A quantized local checkpoint takes the lean route of load_quantized_local."""
+    A local checkpoint takes the lean route of load_local_checkpoint."""
     from transformers import AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
     kwargs = dict(kwargs, dtype=dtype, quantization_config=quant, attn_implementation=model_cfg.attn_implementation,
                   device_map={"": device} if quant is not None else None)
     local = Path(name_or_path).expanduser()
-    model = load_quantized_local(local, model_cfg, model_class, **kwargs) if quant is not None and local.is_dir() \
-        else None
+    model = load_local_checkpoint(local, model_cfg, model_class, **kwargs) if local.is_dir() else None
     if model is None:
         model = model_class.from_pretrained(name_or_path, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     if quant is None:
