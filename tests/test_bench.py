@@ -14,7 +14,7 @@ from conftest import algorithm, compose, live_policy, set_up
 from peftlab import losses
 from peftlab.bench import report, runners, workloads
 from peftlab.bench.__main__ import parse_args
-from peftlab.packing import lm_logits
+from peftlab.logprobs import lm_logits
 from peftlab.data import load_splits
 from peftlab.models import Reference
 

@@ -1,4 +1,4 @@
-"""The chunked LM-head path (`losses.chunked_token_logprobs`, `packing.token_logps`) against today's full-logits path.
+"""The chunked LM-head path (`losses.chunked_token_logprobs`, `logprobs.token_logps`) against today's full-logits path.
 
 Each test computes the same objective twice on the same model and batch, once with the full (B, T, V) logits
 (`chunk_size=None`: the model's logits, then `losses.token_logprobs`) and once chunked, and checks that values and
@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from peftlab import losses
 from peftlab.data.format import IGNORE, collate_lm, collate_packed
-from peftlab.packing import enable_packed_sdpa, lm_logits, token_logps
+from peftlab.logprobs import enable_packed_sdpa, lm_logits, token_logps
 
 from conftest import REPO
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from peftlab import compare
+from peftlab import compare, compare_plots
 
 CROSS = ["peft=lora,dora", "algo=sft,dpo", "trainer.max_steps=2", "eval=none", "trainer.eval_base=false",
          "logger=none", "trainer.num_threads=1", "trainer.log_every=1", "trainer.save_every=0"]
@@ -187,7 +187,7 @@ def test_plots_are_readable():
     rows = [row(f"peft.r={r},peft.alpha_ratio={k},peft.targets=all-linear", r=r, **{"eval/loss": 1.0 / (r * k)})
             for r in (4, 8, 16, 32) for k in (1, 2, 4)]
     rows[0]["curve"] = [(s, 1.0 / s) for s in range(1, 51)]
-    figs = compare.figures(rows, "eval/loss")
+    figs = compare_plots.figures(rows, "eval/loss")
     try:
         for name, fig in figs.items():
             for ax in fig.axes:

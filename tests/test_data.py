@@ -34,8 +34,9 @@ def write(path, rows):
 
 
 def data_cfg(path, **extra):
-    return OmegaConf.create({"path": str(path), "name": None, "eval_path": None, "split": "train", "eval_split": None,
-                             "eval_size": 2, "schema": "auto", "max_rows": None, "system_prompt": None, **extra})
+    return OmegaConf.create({"path": str(path), "name": None, "data_dir": None, "eval_path": None, "split": "train",
+                             "eval_split": None, "eval_size": 2, "schema": "auto", "max_rows": None,
+                             "system_prompt": None, **extra})
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
@@ -69,6 +70,42 @@ def test_named_schema_missing_column(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         load_splits(data_cfg(tmp_path / "nope.jsonl"), "sft")
+    with pytest.raises(DataError, match="file not found"):  # a local-looking path is never looked up on the hub
+        load_splits(data_cfg(tmp_path / "my-copy-of-alpaca"), "sft")
+
+
+def test_a_file_has_no_splits_so_a_presets_eval_split_carves(tmp_path):
+    """data=<hub preset> data.path=<file>: reading the file again as the eval split would evaluate on training rows."""
+    path = write(tmp_path / "a.jsonl", ALPACA)
+    splits = load_splits(data_cfg(path, eval_split="test", eval_size=3), "sft")
+    assert len(splits.train) == 7 and len(splits.eval) == 3
+    assert not {r["completion"] for r in splits.train} & {r["completion"] for r in splits.eval}
+    assert splits.eval_source.startswith("3 rows carved from data.path=")
+
+
+def test_data_dir_needs_a_directory_or_hub_id(tmp_path):
+    with pytest.raises(DataError, match=r"data.data_dir=harmless-base .* is a file: set data.data_dir=null"):
+        load_splits(data_cfg(write(tmp_path / "a.jsonl", ALPACA), data_dir="harmless-base"), "sft")
+
+
+def hub_layout(root, tag):
+    """A one-configuration directory in the hub layout whose rows say `tag`."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    write(root / "data" / "train-00000-of-00001.parquet", [dict(r, output=f"{tag} {i}") for i, r in enumerate(ALPACA)])
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                    "    path: data/train-*\n---\n")
+    return root
+
+
+def test_a_directory_loads_its_current_files(tmp_path):
+    """`datasets` caches a directory's tables under its name and card alone: an edited copy, or another directory of
+    the same name, must still load its own rows."""
+    path = hub_layout(tmp_path / "one" / "alpaca", "first")
+    assert load_splits(data_cfg(path, eval_size=0), "sft").train[0]["completion"] == "first 0"
+    hub_layout(path, "edited")
+    assert load_splits(data_cfg(path, eval_size=0), "sft").train[0]["completion"] == "edited 0"
+    other = hub_layout(tmp_path / "two" / "alpaca", "other")
+    assert load_splits(data_cfg(other, eval_size=0), "sft").train[0]["completion"] == "other 0"
 
 
 def test_completion_only_labels_and_chat_template():

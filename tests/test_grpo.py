@@ -21,7 +21,8 @@ from peftlab.build import INJECTED, algorithm_keys
 from peftlab.data.format import encode, render_prompt
 from peftlab.data.load import load_splits
 from peftlab.models import Reference, load_tokenizer
-from peftlab.sampling import completion_logps, completion_mask, positions_from_mask
+from peftlab.logprobs import completion_logps
+from peftlab.sampling import completion_mask, positions_from_mask
 from peftlab.rewards import (
     compute_rewards,
     extract_gsm8k_answer,

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import CONF, REPO
 from peftlab.adapters import effective_alpha, resolve_targets
-from peftlab.compare import compare, rank_series
+from peftlab.compare import compare
+from peftlab.compare_plots import rank_series
 from peftlab.tracking import read_offline_run
 
 TINY = ["eval=none", "trainer.eval_base=false", "trainer.max_steps=3", "trainer.batch_size=4",

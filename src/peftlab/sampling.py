@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peftlab.data.format import IGNORE, pad
+from peftlab.data.format import pad
 
 EVAL_SEED = 0  # seed of evaluation-time sampling (a forked RNG: training randomness is untouched)
 
@@ -150,35 +150,3 @@ def answer_texts(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
     for start in range(0, len(prompt_ids), batch_size):
         texts += sample(model, tokenizer, prompt_ids[start:start + batch_size], max_new_tokens, **options).texts
     return texts
-
-
-def completion_logps(model, batch: dict, temperature: float = 1.0,
-                     chunk_size: int | str | None = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(completion token | prefix) at every completion position of a `Samples` batch, and the entropy.
-
-    One forward over prompt + completion; only the last C + 1 positions reach the head (`logits_to_keep`), since the
-    prompt's own tokens carry no loss, and with `chunk_size` the head runs in chunks of completion positions
-    (`peftlab.packing.token_logps`). Logits are divided by the sampling temperature (as TRL does), so the ratio and
-    the KL are those of the distribution the completions were sampled from. Gradients flow when enabled.
-
-    Args:
-        batch: input_ids, attention_mask, position_ids (N, P + C), completion_ids and completion_mask (N, C).
-
-    Returns:
-        logps: (N, C) float32, 0 where the completion mask is 0.
-        entropy: (N, C) float32, detached, 0 where the completion mask is 0.
-    """
-    from peftlab.packing import token_logps
-
-    completion_ids, mask = batch["completion_ids"], batch["completion_mask"]  # (N, C)
-    labels = completion_ids.masked_fill(~mask.bool(), IGNORE)  # (N, C)
-    labels = torch.cat([torch.full_like(labels[:, :1], IGNORE), labels], dim=1)  # (N, C + 1): row t predicts t + 1
-    logps, _, entropy = token_logps(model, batch, labels, temperature=temperature, with_entropy=True,
-                                    chunk_size=chunk_size, logits_to_keep=completion_ids.shape[1] + 1)  # (N, C)
-    return logps.float(), entropy
-
-
-def sequence_logps(model, batch: dict, chunk_size: int | str | None = "auto") -> torch.Tensor:
-    """(N,) summed log-probs of each sampled answer (its completion tokens) under `model`."""
-    logps, _ = completion_logps(model, batch, chunk_size=chunk_size)  # (N, C)
-    return logps.sum(dim=1)

@@ -7,7 +7,7 @@ rollouts) in `state_dict()` so that checkpoints resume it exactly.
 
 Constructors take keyword-only arguments with no defaults: the values come from conf/algo/<name>.yaml, the one
 source of defaults, plus what the builder injects (`tokenizer`, `max_length`, `policy`: the policy's identity, and
-`logits_chunk_size`: trainer.logits_chunk_size, for `peftlab.packing.token_logps`).
+`logits_chunk_size`: trainer.logits_chunk_size, for `peftlab.logprobs.token_logps`).
 """
 
 from __future__ import annotations

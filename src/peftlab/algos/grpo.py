@@ -41,7 +41,8 @@ from peftlab.data.format import prompt_ids
 from peftlab.data.schemas import as_messages
 from peftlab.errors import ConfigError
 from peftlab.rewards import compute_rewards, resolve_rewards
-from peftlab.sampling import EVAL_SEED, completion_logps, forked_rng, model_device, sample, to_device
+from peftlab.logprobs import completion_logps
+from peftlab.sampling import EVAL_SEED, forked_rng, model_device, sample, to_device
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")

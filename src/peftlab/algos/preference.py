@@ -11,7 +11,7 @@ row k·B + b is answer k of example b, so a pair of example b is two indices int
     pair losses (B,)     peftlab.losses.dpo_loss on (chosen, rejected) indices, IPO's lengths included
     RPO term ()          rpo_alpha · peftlab.losses.chosen_nll of the chosen answers (Pang et al. 2024)
 
-With packing the K·B answers go in as ONE padding-free row (see peftlab.packing): the same numbers, no compute
+With packing the K·B answers go in as ONE padding-free row (see peftlab.logprobs): the same numbers, no compute
 spent on padding.
 """
 
@@ -23,7 +23,7 @@ from peftlab import losses
 from peftlab.algos.base import Algorithm
 from peftlab.data.format import IGNORE, collate_lm, collate_packed, encode_prompt_completion
 from peftlab.errors import ConfigError
-from peftlab.packing import enable_packed_sdpa, token_logps
+from peftlab.logprobs import enable_packed_sdpa, token_logps
 from peftlab.sampling import eval_mode, to_device, unwrap
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -100,7 +100,7 @@ class PreferenceAlgorithm(Algorithm):
 
     def answer_logps(self, model, batch: dict) -> torch.Tensor:
         """(K·B,) summed completion log-probs under `model` (float32), from a padded or a packed batch; the LM
-        head runs in chunks of positions per trainer.logits_chunk_size (`peftlab.packing.token_logps`)."""
+        head runs in chunks of positions per trainer.logits_chunk_size (`peftlab.logprobs.token_logps`)."""
         logps, _, _ = token_logps(model, batch, chunk_size=self.logits_chunk_size)  # (K·B, L-1), or (1, T-1)
         if "cu_seq_lens" in batch:
             return losses.packed_sequence_sums(logps, batch["cu_seq_lens"]).float()  # (K·B,)

@@ -30,7 +30,8 @@ from peftlab.algos.preference import PreferenceAlgorithm
 from peftlab.data.format import prompt_ids
 from peftlab.dist import gather_lists
 from peftlab.errors import ConfigError
-from peftlab.sampling import eval_mode, model_device, sample, sequence_logps, unwrap
+from peftlab.logprobs import sequence_logps
+from peftlab.sampling import eval_mode, model_device, sample, unwrap
 
 SAMPLING_KEYS = ("num_prompts", "max_new_tokens", "temperature", "top_p", "batch_size")
 

@@ -3,7 +3,7 @@
 With `packing` (conf/algo/sft.yaml), a micro-batch is one row of its sequences back to back instead of a padded
 (B, L) block: no compute is spent on padding, and attention stays within each sequence (see
 `peftlab.data.format.collate_packed`), so the loss is the padded batch's. Under sdpa, each sequence's attention
-runs as its own causal sdpa call (`peftlab.packing`), rather than one masked attention over the whole row.
+runs as its own causal sdpa call (`peftlab.logprobs`), rather than one masked attention over the whole row.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from peftlab import losses
 from peftlab.algos.base import Algorithm
 from peftlab.data.format import IGNORE, collate_lm, collate_packed, encode_prompt_completion
-from peftlab.packing import enable_packed_sdpa, token_logps
+from peftlab.logprobs import enable_packed_sdpa, token_logps
 from peftlab.sampling import model_device, to_device, unwrap
 
 

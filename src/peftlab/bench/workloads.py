@@ -125,8 +125,7 @@ def synthetic_rows(algo: str, num_rows: int, tokenizer, seq_len: int, max_new_to
     for _ in range(num_rows):
         if algo == "grpo":
             prompt = random_text(generator, uniform(seq_len // 8, seq_len - max_new_tokens - overhead), word_tokens)
-            # The schema wants a reference answer; the bench's reward (completion_length_reward) never reads it.
-            rows.append({"prompt": [{"role": "user", "content": prompt}], "answer": "unused"})
+            rows.append({"prompt": [{"role": "user", "content": prompt}], "answer": "-"})  # unused by its reward
             continue
         prompt_len, answer_len = split_lengths()
         prompt = [{"role": "user", "content": random_text(generator, prompt_len, word_tokens)}]

@@ -1,7 +1,9 @@
-"""Load a dataset from the hub or a local json/jsonl/parquet/csv file and map it onto canonical columns."""
+"""Load a dataset from the hub, a local copy of a hub repository, or a local json/jsonl/parquet/csv file, and map
+it onto canonical columns."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -15,12 +17,24 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv
 
 
 def is_local_file(path: str) -> bool:
-    return Path(path).suffix in LOCAL_FORMATS or Path(path).exists()
+    """A path to a file, existing or not. A directory is not one: it is read like a hub repository. A path that
+    looks local but does not exist counts as a file, so that a typo is "not found" rather than a hub lookup."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return False
+    return local.exists() or local.suffix in LOCAL_FORMATS or path.startswith(("/", ".", "~"))
 
 
-def load_table(path: str, split: str, name: str | None, key: str):
-    """A `datasets.Dataset` from a local file or a hub id (`name`: the hub data set's configuration, e.g. gsm8k's
-    `main`; local files have none). `key` names the config key the path came from, for the error lines."""
+def one_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+
+
+def load_table(path: str, split: str, name: str | None, data_dir: str | None, key: str):
+    """A `datasets.Dataset` from a local file, or from a hub id or a local directory in the hub layout (the one
+    `hf download <id> --repo-type dataset --local-dir DIR` writes: data files plus a README.md whose `configs:`
+    name each configuration's files per split). `name` is the configuration (gsm8k's `main`), `data_dir` a folder
+    inside the repository (hh-rlhf's `harmless-base`); a file has neither, so both are ignored for one. `key`
+    names the config key the path came from, for the error lines."""
     import datasets
 
     datasets.logging.set_verbosity_error()
@@ -30,20 +44,41 @@ def load_table(path: str, split: str, name: str | None, key: str):
         if not file.exists():
             raise DataError(f"{key}={path}: file not found (check data.path / data.eval_path)")
         if file.suffix not in LOCAL_FORMATS:
-            raise DataError(f"{key}={path}: unsupported file type {file.suffix!r}; use {', '.join(LOCAL_FORMATS)}")
+            raise DataError(f"{key}={path}: unsupported file type {file.suffix!r}; use {', '.join(LOCAL_FORMATS)} "
+                            "or a directory in the hub layout")
         check_local_file(file, key)
         try:
             return datasets.load_dataset(LOCAL_FORMATS[file.suffix], data_files=str(file), split="train")
         except Exception as err:  # the reader's own message names the problem; its traceback does not help
-            raise DataError(f"{key}={path}: cannot be read as {file.suffix[1:]} ({type(err).__name__}: "
-                            f"{' '.join(str(err).split())[:200]})") from err
+            raise DataError(f"{key}={path}: cannot be read as {file.suffix[1:]} ({one_line(err)})") from err
+    directory = Path(path).expanduser()
+    where = f"(config {name!r}, data_dir {data_dir!r}, split {split!r})"
     try:
-        return datasets.load_dataset(path, name, split=split)
-    except Exception as err:  # the hub's errors are long; the user needs the id and the way out
+        if directory.is_dir():
+            return datasets.load_dataset(str(directory), name, split=split, data_dir=data_dir,
+                                         cache_dir=directory_cache(directory))
+        return datasets.load_dataset(path, name, split=split, data_dir=data_dir)
+    except Exception as err:  # datasets names the configs and splits there are; its traceback does not help
+        if directory.is_dir():
+            raise DataError(f"{key}={path} {where}: {one_line(err)}") from err
         raise DataError(
-            f"could not load dataset {path!r} (config {name!r}, split {split!r}) from the hub: {type(err).__name__}. "
-            "Without network, download it elsewhere and pass data.path=<local json/jsonl/parquet/csv file>"
+            f"could not load dataset {path!r} {where} from the hub ({one_line(err)}). Without network, download it "
+            f"elsewhere (hf download {path} --repo-type dataset --local-dir DIR) and pass {key}=DIR, or pass a "
+            "local json/jsonl/parquet/csv file"
         ) from err
+
+
+def directory_cache(directory: Path) -> str:
+    """Where `datasets` keeps the tables it prepares from a local directory: a folder named by the directory's
+    place and its files' sizes and modification times. Its default cache is named by the directory's name and its
+    card's `configs:` alone, so an edited file, or another directory of the same name, would load the tables
+    prepared from the first one."""
+    import datasets
+
+    files = [(str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns)
+             for f in sorted(directory.rglob("*")) if f.is_file()]
+    digest = hashlib.sha256(json.dumps([str(directory.resolve()), files]).encode()).hexdigest()[:16]
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "local" / digest)
 
 
 def check_local_file(file: Path, key: str) -> None:
@@ -97,25 +132,34 @@ class Splits:
 
 def load_splits(data_cfg, kind: str, seed: int = 0) -> Splits:
     """Train and held-out rows: the data's eval file or eval split when given, else `data.eval_size` rows carved
-    from the training rows (a seeded shuffle; disjoint from the rows trained on)."""
-    name = data_cfg.name
-    train = load_table(str(data_cfg.path), data_cfg.split, name, "data.path")
-    train_rows = to_rows(train, kind, data_cfg.schema, f"data.path={data_cfg.path}")
+    from the training rows (a seeded shuffle; disjoint from the rows trained on). A local file has no splits, so a
+    preset's eval split does not apply to it: its held-out rows are carved (reading the file again would evaluate
+    on the training rows)."""
+    path, name, data_dir = str(data_cfg.path), data_cfg.name, data_cfg.data_dir
+    if data_dir and is_local_file(path):
+        raise DataError(f"data.data_dir={data_dir} selects a folder of a hub data set or of a directory, but "
+                        f"data.path={path} is a file: set data.data_dir=null")
+    train = load_table(path, data_cfg.split, name, data_dir, "data.path")
+    eval_split = None if is_local_file(path) else data_cfg.eval_split
+    carved = not data_cfg.eval_path and not eval_split
+    if data_cfg.max_rows and not carved:  # the rows past the cap are never converted
+        train = train.select(range(min(len(train), int(data_cfg.max_rows))))
+    train_rows = to_rows(train, kind, data_cfg.schema, f"data.path={path}")
     if data_cfg.eval_path:
-        table = load_table(str(data_cfg.eval_path), data_cfg.eval_split or "train", name, "data.eval_path")
+        table = load_table(str(data_cfg.eval_path), data_cfg.eval_split or "train", name, data_dir, "data.eval_path")
         eval_rows = to_rows(table, kind, data_cfg.schema, f"data.eval_path={data_cfg.eval_path}")
         source = f"data.eval_path={data_cfg.eval_path}"
-    elif data_cfg.eval_split:
-        table = load_table(str(data_cfg.path), data_cfg.eval_split, name, "data.path")
-        eval_rows = to_rows(table, kind, data_cfg.schema, f"data.eval_split={data_cfg.eval_split}")
-        source = f"data.eval_split={data_cfg.eval_split} of {data_cfg.path}"
+    elif eval_split:
+        table = load_table(path, eval_split, name, data_dir, "data.path")
+        eval_rows = to_rows(table, kind, data_cfg.schema, f"data.eval_split={eval_split} of data.path={path}")
+        source = f"data.eval_split={eval_split} of {path}"
     else:  # carve a fixed held-out slice
         order = list(range(len(train_rows)))
         random.Random(seed).shuffle(order)
         held = set(order[: int(data_cfg.eval_size)])
         eval_rows = [r for i, r in enumerate(train_rows) if i in held]
         train_rows = [r for i, r in enumerate(train_rows) if i not in held]
-        source = f"{len(eval_rows)} rows carved from data.path={data_cfg.path} (data.eval_size, seed {seed})"
+        source = f"{len(eval_rows)} rows carved from data.path={path} (data.eval_size, seed {seed})"
     if data_cfg.max_rows:
         train_rows = train_rows[: int(data_cfg.max_rows)]
     system = data_cfg.system_prompt
@@ -125,6 +169,6 @@ def load_splits(data_cfg, kind: str, seed: int = 0) -> Splits:
             if isinstance(prompt, list) and (not prompt or prompt[0]["role"] != "system"):
                 row["prompt"] = [{"role": "system", "content": system}] + prompt
     if not train_rows:
-        raise DataError(f"data.path={data_cfg.path} has no training rows"
-                        + (f" left after holding out data.eval_size={data_cfg.eval_size}" if "carved" in source else ""))
+        raise DataError(f"data.path={path} has no training rows"
+                        + (f" left after holding out data.eval_size={data_cfg.eval_size}" if carved else ""))
     return Splits(train_rows, eval_rows, source)

@@ -1,4 +1,10 @@
-"""Padding-free packing shared by SFT and DPO: a micro-batch is ONE row of sequences back to back
+"""Log-probabilities of batches under the model: the one place a training or scoring forward happens.
+
+`token_logps(model, batch)`: per-token label log-probs of a padded batch or a packed row, with the LM head plain or
+in chunks of positions (never the full tokens × vocabulary logits); `completion_logps` / `sequence_logps`: the
+same for sampled completions (`peftlab.sampling.Samples`), as GRPO's loss and safe_dpo's KL read them.
+
+Padding-free packing shared by SFT and DPO: a micro-batch is ONE row of sequences back to back
 (`peftlab.data.format.collate_packed`), and attention must stay within each sequence.
 
 Under sdpa, transformers' own packed path builds a (T, T) block-diagonal mask and attends over the whole row; here
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from peftlab.data.format import IGNORE
 from peftlab.sampling import unwrap
 
 PACKED_SDPA = "sdpa_packed"  # the attention implementation name `enable_packed_sdpa` registers
@@ -224,3 +231,33 @@ def _forward_to_head_input(model, head, inputs: dict):
         raise RuntimeError("the model's forward never called its output embeddings (get_output_embeddings())")
     device_type, enabled, dtype = seen["autocast"]
     return seen["hidden"], torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
+def completion_logps(model, batch: dict, temperature: float = 1.0,
+                     chunk_size: int | str | None = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(completion token | prefix) at every completion position of a `Samples` batch, and the entropy.
+
+    One forward over prompt + completion; only the last C + 1 positions reach the head (`logits_to_keep`), since the
+    prompt's own tokens carry no loss, and with `chunk_size` the head runs in chunks of completion positions
+    (`peftlab.logprobs.token_logps`). Logits are divided by the sampling temperature (as TRL does), so the ratio and
+    the KL are those of the distribution the completions were sampled from. Gradients flow when enabled.
+
+    Args:
+        batch: input_ids, attention_mask, position_ids (N, P + C), completion_ids and completion_mask (N, C).
+
+    Returns:
+        logps: (N, C) float32, 0 where the completion mask is 0.
+        entropy: (N, C) float32, detached, 0 where the completion mask is 0.
+    """
+    completion_ids, mask = batch["completion_ids"], batch["completion_mask"]  # (N, C)
+    labels = completion_ids.masked_fill(~mask.bool(), IGNORE)  # (N, C)
+    labels = torch.cat([torch.full_like(labels[:, :1], IGNORE), labels], dim=1)  # (N, C + 1): row t predicts t + 1
+    logps, _, entropy = token_logps(model, batch, labels, temperature=temperature, with_entropy=True,
+                                    chunk_size=chunk_size, logits_to_keep=completion_ids.shape[1] + 1)  # (N, C)
+    return logps.float(), entropy
+
+
+def sequence_logps(model, batch: dict, chunk_size: int | str | None = "auto") -> torch.Tensor:
+    """(N,) summed log-probs of each sampled answer (its completion tokens) under `model`."""
+    logps, _ = completion_logps(model, batch, chunk_size=chunk_size)  # (N, C)
+    return logps.sum(dim=1)
