@@ -64,7 +64,8 @@ QUICK = Sizes(compare_model="tiny-qwen-152k", compare_seq=64, batch_size=2, seq_
               qlora_large_seq=32, timed_steps=1, memory_steps=1)
 FORKSERVER_PRELOAD = ["peftlab.bench.scale", "peftlab.bench.runners", "peftlab.build", "peftlab.loop", "peft", "trl",
                       "datasets"]
-QLORA_STEPS = 2  # qlora memory runs report the step time too: two timed steps after the warm-up
+# qlora memory runs report the step time too: timed steps after the warm-up (the large model's take minutes)
+QLORA_SMALL_STEPS, QLORA_LARGE_STEPS = 2, 1
 
 
 # ---- one run in its own process --------------------------------------------------------------------------------------
@@ -290,9 +291,10 @@ def plan_specs(sizes: Sizes, parts: list[str], model_dirs: dict[str, Path], args
         specs += [{**base, "part": "seqlen", "algo": "sft", "peft": "lora", "tool": tool, "setting": "default",
                    "seq_len": seq_len} for seq_len in sizes.seq_lens for tool in ("ours", "trl")]
     if "qlora" in parts:
-        for model, seq_len, pefts in ((sizes.qlora_small_model, sizes.qlora_small_seq, ("lora", "qlora")),
-                                      (sizes.qlora_large_model, sizes.qlora_large_seq, ("qlora",))):
-            base = {**base_spec(sizes, model, model_dirs[model], args), "batch_size": 1, "steps": QLORA_STEPS}
+        for model, seq_len, pefts, steps in (
+                (sizes.qlora_small_model, sizes.qlora_small_seq, ("lora", "qlora"), QLORA_SMALL_STEPS),
+                (sizes.qlora_large_model, sizes.qlora_large_seq, ("qlora",), QLORA_LARGE_STEPS)):
+            base = {**base_spec(sizes, model, model_dirs[model], args), "batch_size": 1, "steps": steps}
             specs += [{**base, "part": "qlora", "algo": "sft", "peft": peft, "tool": "ours", "setting": "default",
                        "seq_len": seq_len} for peft in pefts]
     return specs
