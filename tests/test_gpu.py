@@ -27,10 +27,11 @@ pytestmark = [
 ]
 
 CUDA = torch.device("cuda")
-# LoRA gradients of the 4-bit model against the dequantized reference: relative L2 error per adapter tensor. In fp32
-# both compute the same matmuls on the same weights (the 4-bit kernels dequantize first); bf16 rounds the
-# activations at every layer (8 mantissa bits: ~4e-3 per rounding, compounding over the layers).
-GRADIENT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+# LoRA gradients of the 4-bit model against the dequantized fp32 reference: relative L2 error per adapter tensor.
+# In fp32 both compute the same matmuls on the same weights (the 4-bit kernels dequantize first); bf16 rounds the
+# activations at every layer (8 mantissa bits, compounding over the layers), so its bound is loose, yet far below
+# what a lost gradient path gives (an error near 1).
+GRADIENT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-1}
 
 
 def qlora_policy(compute: torch.dtype):
