@@ -185,7 +185,8 @@ def run_trl(cfg, algo: str, setting: str, rows: list[dict], args, device, log: S
                             **common)
         trainer = GRPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                               reward_funcs=completion_length_reward, peft_config=peft_config, callbacks=[StepEnd()])
-    log.checkpointing = is_checkpointing(trainer.model)
+    # transformers' Trainer turns checkpointing on inside train(): its argument says what the steps will do.
+    log.checkpointing = bool(trainer.args.gradient_checkpointing)
     log.loaded()
     handle = count_forward_tokens(trainer.model, log)
     try:
