@@ -105,6 +105,9 @@ def test_scale_suite_quick_end_to_end(tmp_path):
     for expected in ("load average", "cores", "## Ours vs TRL", "## Peak memory against sequence length",
                      "## QLoRA", "| sft | ours |", "| dpo | TRL best |", "(≤ 0.6)", "(≤ 0.8)", "not run: Liger"):
         assert expected in table
+    (tmp_path / "scale.md").unlink()  # --render makes the same report again from scale.json
+    main(["--suite", "scale", "--render", "--out", str(tmp_path)])
+    assert (tmp_path / "scale.md").read_text() == table
 
 
 def test_a_memory_run_in_a_fresh_process_and_one_stopped_at_the_limit(tmp_path):

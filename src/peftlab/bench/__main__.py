@@ -42,6 +42,8 @@ def parse_args(argv=None):
                        help="a memory run is stopped above this resident size; also the budget of a timing group")
     suite.add_argument("--jobs", type=int, default=None,
                        help="memory runs at once (default 1; --quick: 2). Their peaks stay per process")
+    suite.add_argument("--render", action="store_true",
+                       help="rewrite scale.md and scale.csv from the scale.json in --out (no runs)")
     suite.add_argument("--one", default=None, metavar="SPEC",
                        help="one memory run in this process (a JSON spec, as the suite writes it); prints its figures")
     args = parser.parse_args(argv)
@@ -71,10 +73,13 @@ def main(argv=None) -> None:
         print(RESULT_PREFIX + json.dumps(measure_one(json.loads(args.one))), flush=True)
         return
     if args.suite == "scale":
-        from peftlab.bench.report import write_scale
+        from peftlab.bench.report import read_scale, write_scale
         from peftlab.bench.scale import run_suite
 
-        rows, facts = run_suite(args)
+        if args.render:
+            rows, facts, command = read_scale(Path(args.out))
+        else:
+            rows, facts = run_suite(args)
         csv_path, md_path = write_scale(rows, facts, Path(args.out), command.strip())
     else:
         from peftlab.bench.report import write_results

@@ -113,19 +113,25 @@ def verdict(value: float | None, target: float) -> str:
     return f"{value:.2f} {'met' if value <= target else 'missed'} (≤ {target})"
 
 
-def machine_line(facts: dict, rows: list[dict]) -> str:
+def machine_facts(device: str) -> dict:
+    """What the suite ran on, read when it runs (the report may be rendered elsewhere, from scale.json)."""
     import importlib.metadata as metadata
 
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor() or platform.machine())
     ram = next((int(l.split()[1]) / 2**20 for l in Path("/proc/meminfo").read_text().splitlines()
                 if l.startswith("MemTotal")), 0)
-    device = next((r["device"] for r in rows if r.get("device")), "cpu")
-    versions = ", ".join(f"{name} {metadata.version(name)}"
-                         for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate"))
-    start, end = facts["load_start"], facts["load_end"]
-    return (f"Measured {facts['started']} to {facts['finished']} on {cpu} ({os.cpu_count()} cores, {ram:.0f} GiB RAM)"
-            f"{', ' + device if device != 'cpu' else ''}, {facts['threads']} torch thread(s); load average "
+    versions = {name: metadata.version(name)
+                for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")}
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "device": device, "versions": versions}
+
+
+def machine_line(facts: dict) -> str:
+    machine, start, end = facts["machine"], facts["load_start"], facts["load_end"]
+    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items())
+    device = f", {machine['device']}" if machine["device"] != "cpu" else ""
+    return (f"Measured {facts['started']} to {facts['finished']} on {machine['cpu']} ({machine['cores']} cores, "
+            f"{machine['ram_gib']:.0f} GiB RAM){device}, {facts['threads']} torch thread(s); load average "
             f"(1/5/15 min) {start[0]:.1f}/{start[1]:.1f}/{start[2]:.1f} at the start, "
             f"{end[0]:.1f}/{end[1]:.1f}/{end[2]:.1f} at the end; {versions}.")
 
@@ -257,7 +263,7 @@ def qlora_table(rows: list[dict], facts: dict) -> list[str]:
 
 def scale_markdown(rows: list[dict], facts: dict, command: str) -> str:
     sizes = facts["sizes"]
-    lines = ["# Scale suite", "", machine_line(facts, rows), f"Command: `{command}`", "",
+    lines = ["# Scale suite", "", machine_line(facts), f"Command: `{command}`", "",
              "Models: random weights with the public architectures' exact configs (scripts/make_arch_checkpoint.py, "
              "bf16 on disk, trained in the run's precision: fp32 on CPU, bf16 on GPU); rows of random words, each "
              "sequence filling its length (chat template included). Memory: the peak of the run's own process "
@@ -276,6 +282,10 @@ def scale_markdown(rows: list[dict], facts: dict, command: str) -> str:
 
 
 def write_scale(rows: list[dict], facts: dict, out_dir: Path, command: str) -> tuple[Path, Path]:
+    """scale.csv, scale.md, and scale.json (everything both were made from, for `--render`)."""
+    import dataclasses
+    import json
+
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / "scale.csv", out_dir / "scale.md"
     with open(csv_path, "w", newline="") as f:
@@ -283,4 +293,18 @@ def write_scale(rows: list[dict], facts: dict, out_dir: Path, command: str) -> t
         writer.writeheader()
         writer.writerows(rows)
     md_path.write_text(scale_markdown(rows, facts, command))
+    saved = {"command": command, "rows": rows, "facts": {**facts, "sizes": dataclasses.asdict(facts["sizes"])}}
+    (out_dir / "scale.json").write_text(json.dumps(saved, indent=1, default=str) + "\n")
     return csv_path, md_path
+
+
+def read_scale(out_dir: Path) -> tuple[list[dict], dict, str]:
+    """(rows, facts, command) as a suite run saved them in scale.json."""
+    import json
+
+    from peftlab.bench.scale import Sizes
+
+    saved = json.loads((out_dir / "scale.json").read_text())
+    sizes = saved["facts"]["sizes"]
+    facts = {**saved["facts"], "sizes": Sizes(**{**sizes, "seq_lens": tuple(sizes["seq_lens"])})}
+    return saved["rows"], facts, saved["command"]

@@ -403,7 +403,10 @@ def run_suite(args) -> tuple[list[dict], dict]:
         for algo in ("sft", "dpo"):
             rows += time_interleaved(sizes, algo, model_dirs[sizes.compare_model], memory, specs, args, device,
                                      facts["limit_mb"])
+    from peftlab.bench.report import machine_facts
+
     facts["load_end"] = os.getloadavg()
+    facts["machine"] = machine_facts(device_name(device))
     facts["finished"] = time.strftime("%Y-%m-%d %H:%M")
     facts["model_configs"] = {m: str(d) for m, d in model_dirs.items()}
     return rows, facts
