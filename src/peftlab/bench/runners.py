@@ -234,11 +234,14 @@ def run_algo(model_dir: Path, algo: str, rows: list[dict], args, device, work_di
         finally:
             turns.pass_on(log.name, finished=True)
 
-    threads = [threading.Thread(target=take_turns, args=run, name="-".join(run)) for run in runs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    if len(runs) == 1:  # nothing to take turns with: run in this thread, as train.py does (its allocator arena too)
+        take_turns(*runs[0])
+    else:
+        threads = [threading.Thread(target=take_turns, args=run, name="-".join(run)) for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     if errors:
         raise errors[0]
     results = []
