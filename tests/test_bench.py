@@ -116,7 +116,7 @@ def test_a_memory_run_in_a_fresh_process_and_one_stopped_at_the_limit(tmp_path):
     model_dir = workloads.arch_checkpoint("tiny-qwen-152k", tmp_path / "arch")
     spec = {"part": "qlora", "algo": "sft", "peft": "lora", "tool": "ours", "setting": "default",
             "model": "tiny-qwen-152k", "model_dir": str(model_dir), "seq_len": 32, "batch_size": 1, "warmup": 1,
-            "steps": 1, "threads": 1, "seed": 0}
+            "steps": 1, "threads": 1, "seed": 0, "malloc_mmap_threshold": 2**20}
     stopped = scale.run_isolated([spec], tmp_path / "logs", limit_mb=64, jobs=1, needed_mb=0)
     assert next(iter(stopped.values()))["status"].startswith("stopped: resident memory passed the 64 MB limit")
     [figures] = scale.run_isolated([spec], tmp_path / "logs", limit_mb=8192, jobs=1, needed_mb=0).values()

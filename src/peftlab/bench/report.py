@@ -36,7 +36,8 @@ def markdown(results: list[dict], args, command: str) -> str:
         f"Measured {datetime.date.today()} on {results[0]['device'] if results else '?'} ({os.cpu_count()} cores, "
         f"{platform.machine()}), {args.threads} torch thread(s), load average {load[0]:.1f} at the end; model "
         f"{args.model}, sequence length {args.seq_len}, batch {args.batch_size}{grpo if 'grpo' in args.algo else ''}; "
-        f"medians of {args.steps} steps after {args.warmup} warm-up.",
+        f"medians of {args.steps} steps after {args.warmup} warm-up; CPU memory: "
+        f"{allocator_note(args.malloc_mmap_threshold)}.",
         f"Command: `{command}`",
         "",
         "| algo | peft | ours µs/token | TRL default µs/token | ours / TRL default | TRL best µs/token "
@@ -261,13 +262,22 @@ def qlora_table(rows: list[dict], facts: dict) -> list[str]:
     return lines
 
 
+def allocator_note(threshold: int | None) -> str:
+    if threshold:
+        return f"glibc returning freed blocks of {threshold / 2**20:g} MiB and more at once (mallopt " \
+               "M_MMAP_THRESHOLD: no freed memory kept in the allocator's heaps counts)"
+    return "glibc's default allocator (memory it keeps after freeing counts)"
+
+
 def scale_markdown(rows: list[dict], facts: dict, command: str) -> str:
     sizes = facts["sizes"]
     lines = ["# Scale suite", "", machine_line(facts), f"Command: `{command}`", "",
              "Models: random weights with the public architectures' exact configs (scripts/make_arch_checkpoint.py, "
              "bf16 on disk, trained in the run's precision: fp32 on CPU, bf16 on GPU); rows of random words, each "
              "sequence filling its length (chat template included). Memory: the peak of the run's own process "
-             "(CPU: resident set; GPU: max allocated), loading (up to the first step) and training apart; a run "
+             f"(CPU: resident set, {allocator_note(facts.get('malloc_mmap_threshold'))}; GPU: max allocated), "
+             "loading (everything before the first step: for ours build_run, which also precomputes DPO's "
+             "reference log-probs; for TRL the trainer's construction) and training apart; a run "
              f"stopped at the {facts['limit_mb']:.0f} MB limit shows as such. Time: the median over "
              f"{sizes.timed_steps} optimizer step(s) after 1 warm-up of the time per trained token (non-padding "
              "tokens fed to the training forward), with the runs of a group taking turns step by step in one "

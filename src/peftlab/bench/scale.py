@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
-from peftlab.bench.harness import flops_per_token, peak_bf16_flops, process_status_mb
+from peftlab.bench.harness import flops_per_token, peak_bf16_flops, process_status_mb, set_mmap_threshold
 from peftlab.bench.workloads import arch_checkpoint, synthetic_rows
 
 RESULT_PREFIX = "BENCH_RESULT "  # the line a memory run's figures come back on
@@ -93,6 +93,7 @@ def measure_one(spec: dict) -> dict:
     from peftlab.bench.harness import PeakMemory
     from peftlab.bench.runners import run_algo
 
+    set_mmap_threshold(spec["malloc_mmap_threshold"])
     import_run_libraries(spec["tool"])
     torch.set_num_threads(spec["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -266,7 +267,8 @@ def run_isolated(specs: list[dict], log_dir: Path, limit_mb: float, jobs: int, n
 
 def base_spec(sizes: Sizes, model: str, model_dir: Path, args) -> dict:
     return {"model": model, "model_dir": str(model_dir), "batch_size": sizes.batch_size, "warmup": 1,
-            "steps": sizes.memory_steps, "threads": args.threads, "seed": args.seed}
+            "steps": sizes.memory_steps, "threads": args.threads, "seed": args.seed,
+            "malloc_mmap_threshold": args.malloc_mmap_threshold}
 
 
 def compare_runs(algo: str) -> list[tuple[str, str, str]]:
@@ -379,7 +381,8 @@ def run_suite(args) -> tuple[list[dict], dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
     facts = {"started": time.strftime("%Y-%m-%d %H:%M"), "load_start": os.getloadavg(), "sizes": sizes,
-             "parts": parts, "limit_mb": args.mem_limit_gb * 1024, "threads": args.threads}
+             "parts": parts, "limit_mb": args.mem_limit_gb * 1024, "threads": args.threads,
+             "malloc_mmap_threshold": args.malloc_mmap_threshold}
     models = {sizes.compare_model} if {"compare", "seqlen"} & set(parts) else set()
     if "qlora" in parts:
         models |= {sizes.qlora_small_model, sizes.qlora_large_model}
