@@ -32,7 +32,8 @@ from types import SimpleNamespace
 
 import torch
 
-from peftlab.bench.harness import flops_per_token, peak_bf16_flops, process_status_mb, set_mmap_threshold
+from peftlab.bench.harness import (PeakMemory, flops_per_token, peak_bf16_flops, process_status_mb,
+                                   set_mmap_threshold)
 from peftlab.bench.workloads import arch_checkpoint, synthetic_rows
 
 RESULT_PREFIX = "BENCH_RESULT "  # the line a memory run's figures come back on
@@ -85,12 +86,12 @@ def suite_rows(algo: str, tokenizer, args) -> list[dict]:
 
 
 def measure_one(spec: dict) -> dict:
-    """One run (spec: algo, peft, tool, setting, model_dir, seq_len, batch_size, warmup, steps, threads, seed) in
-    this process: its step figures (runners.run_algo) and memory: start (resident before loading), load_peak,
-    train_peak (after loading), peak (the larger) and, on a GPU, host_peak (the process's resident peak)."""
+    """One run (spec: algo, peft, tool, setting, model_dir, seq_len, batch_size, warmup, steps, threads, seed,
+    malloc_mmap_threshold) in this process: its step figures (runners.run_algo) and memory: start (in use before
+    loading), load_peak, train_peak (after loading), peak (the larger) and, on a GPU, host_peak (the process's
+    resident peak)."""
     from transformers import AutoTokenizer
 
-    from peftlab.bench.harness import PeakMemory
     from peftlab.bench.runners import run_algo
 
     set_mmap_threshold(spec["malloc_mmap_threshold"])
