@@ -21,6 +21,7 @@
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+INVOCATION="scripts/gpu_check.sh $*"
 OUT_DIR="$ROOT/outputs/gpu_check"  # outputs/ is git-ignored
 PYTHON="${PYTHON:-}"
 WHEELS=""
@@ -85,7 +86,7 @@ fi
 {
   echo "# GPU check"
   echo
-  echo "$(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname); \`scripts/gpu_check.sh $*\`; commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname); \`$INVOCATION\`; commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /'
 } > "$REPORT"
