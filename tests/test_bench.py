@@ -1,4 +1,5 @@
-"""python -m peftlab.bench end to end on a tiny model, and packing (SFT and DPO) against the padded computation.
+"""python -m peftlab.bench end to end on a tiny model (the default comparison and --suite scale --quick),
+scripts/gpu_check.sh --dry-run, and packing (SFT and DPO) against the padded computation.
 
 No timing assertions: timings belong to the bench's output, not to tests.
 """
@@ -7,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import math
+import subprocess
 
 import torch
 
-from conftest import algorithm, compose, live_policy, set_up
+from conftest import REPO, algorithm, compose, live_policy, set_up
 from peftlab import losses
-from peftlab.bench import report, runners, workloads
-from peftlab.bench.__main__ import parse_args
+from peftlab.bench import report, runners, scale, workloads
+from peftlab.bench.__main__ import main, parse_args
 from peftlab.logprobs import lm_logits
 from peftlab.data import load_splits
 from peftlab.models import Reference
@@ -63,6 +65,105 @@ def test_synthetic_rows_have_varied_lengths_within_the_sequence_budget():
     rows = workloads.synthetic_rows("sft", 40, tokenizer, 256, 64, seed=0)
     lengths = [len(e["input_ids"]) for e in algorithm(["model.max_length=10000"]).build_examples(rows)]
     assert max(lengths) <= 256 and min(lengths) >= 48 and max(lengths) - min(lengths) > 100
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_scale_suite_quick_end_to_end(tmp_path):
+    """Every part on the tiny 152k-vocabulary model: files, columns, each memory run's figures from its own
+    process, ours and TRL on the same tokens, the timing runs, the Liger row, and the report's tables."""
+    main(["--suite", "scale", "--quick", "--out", str(tmp_path), "--arch-dir", str(tmp_path / "arch")])
+
+    rows = read_csv(tmp_path / "scale.csv")
+    assert list(rows[0]) == report.SCALE_COLUMNS
+    memory = [r for r in rows if r["measure"] == "memory" and not r["status"].startswith("not run")]
+    assert {r["part"] for r in memory} == {"compare", "seqlen", "qlora"}
+    for r in memory:
+        assert r["status"] == "ok", r
+        assert min(float(r[k]) for k in ("load_peak_mb", "train_peak_mb", "sampled_peak_mb", "tokens_total")) > 0
+        assert float(r["peak_mb"]) == max(float(r["load_peak_mb"]), float(r["train_peak_mb"]))
+    runs = {("ours", "default"), ("trl", "default"), ("trl", "best")}
+    for algo in ("sft", "dpo"):
+        compared = [r for r in memory if r["part"] == "compare" and r["algo"] == algo]
+        assert {(r["tool"], r["setting"]) for r in compared} == runs
+        assert len({r["tokens_total"] for r in compared}) == 1, compared  # the same tokens, both tools
+        timed = [r for r in rows if r["measure"] == "time" and r["algo"] == algo]
+        assert {(r["tool"], r["setting"]) for r in timed} == runs
+        assert len({r["tokens_total"] for r in timed}) == 1 and all(float(r["us_per_token"]) > 0 for r in timed)
+    liger = [r for r in rows if r["setting"] == "liger"]
+    assert len(liger) == 2 and all(r["status"].startswith("not run: ") for r in liger)
+    assert {(int(r["seq_len"]), r["tool"]) for r in memory if r["part"] == "seqlen"} == \
+        {(n, tool) for n in scale.QUICK.seq_lens for tool in ("ours", "trl")}
+    assert {(r["peft"], int(r["seq_len"])) for r in memory if r["part"] == "qlora"} == \
+        {("lora", scale.QUICK.qlora_small_seq), ("qlora", scale.QUICK.qlora_small_seq),
+         ("qlora", scale.QUICK.qlora_large_seq)}
+
+    table = (tmp_path / "scale.md").read_text()
+    for expected in ("load average", "cores", "## Ours vs TRL", "## Peak memory against sequence length",
+                     "## QLoRA", "| sft | ours |", "| dpo | TRL best |", "(≤ 0.6)", "(≤ 0.8)", "not run: Liger"):
+        assert expected in table
+    (tmp_path / "scale.md").unlink()  # --render makes the same report again from scale.json
+    main(["--suite", "scale", "--render", "--out", str(tmp_path)])
+    assert (tmp_path / "scale.md").read_text() == table
+
+
+def test_a_memory_run_in_a_fresh_process_and_one_stopped_at_the_limit(tmp_path):
+    """The full suite's path: `python -m peftlab.bench --one SPEC` in a new interpreter reports its figures; a run
+    whose resident memory passes the limit is stopped and recorded as such."""
+    model_dir = workloads.arch_checkpoint("tiny-qwen-152k", tmp_path / "arch")
+    spec = {"part": "qlora", "algo": "sft", "peft": "lora", "tool": "ours", "setting": "default",
+            "model": "tiny-qwen-152k", "model_dir": str(model_dir), "seq_len": 32, "batch_size": 1, "warmup": 1,
+            "steps": 1, "threads": 1, "seed": 0, "malloc_mmap_threshold": 2**20}
+    stopped = scale.run_isolated([spec], tmp_path / "logs", limit_mb=64, jobs=1, needed_mb=0)
+    assert next(iter(stopped.values()))["status"].startswith("stopped: resident memory passed the 64 MB limit")
+    [figures] = scale.run_isolated([spec], tmp_path / "logs", limit_mb=8192, jobs=1, needed_mb=0).values()
+    assert figures["status"] == "ok" and figures["tokens_per_step"] > 0
+    assert figures["peak_mb"] >= figures["load_peak_mb"] > figures["start_mb"] > 0
+
+
+def test_timing_groups_fit_the_budget_else_pairs_else_single_runs():
+    ours, default, best = ("lora", "ours", "default"), ("lora", "trl", "default"), ("lora", "trl", "best")
+    figures = {run: {"start_mb": 500, "held_mb": held, "train_peak_mb": peak}
+               for run, held, peak in ((ours, 2500, 4000), (default, 2600, 7000), (best, 2600, 5000))}
+    runs = [ours, default, best]
+    # all three: 500 + (2000 + 2100 + 2100) held + 4400 (TRL default's step); ours + default 9000; ours + best 7000
+    assert scale.timing_groups(runs, figures, budget_mb=11_100) == [runs]
+    assert scale.timing_groups(runs, figures, budget_mb=9_000) == [[ours, default], [ours, best]]
+    assert scale.timing_groups(runs, figures, budget_mb=8_000) == [[ours], [default], [ours, best]]
+
+
+def test_scale_report_gives_the_ratios_against_their_targets():
+    def memory(tool, setting, peak):
+        return {"part": "compare", "measure": "memory", "algo": "sft", "peft": "lora", "tool": tool,
+                "setting": setting, "status": "ok", "peak_mb": peak, "load_peak_mb": 100.0, "train_peak_mb": peak,
+                "checkpointing": True, "tokens_per_step": 2040}
+
+    def timed(tool, setting, us, group):
+        return {"part": "compare", "measure": "time", "algo": "sft", "peft": "lora", "tool": tool, "setting": setting,
+                "us_per_token": us, "step_s": 1.0, "group": group}
+
+    group = "ours + trl default + trl best"
+    rows = [memory("ours", "default", 3000.0), memory("trl", "default", 6000.0), memory("trl", "best", 2000.0),
+            timed("ours", "default", 900.0, group), timed("trl", "default", 1000.0, group),
+            timed("trl", "best", 600.0, group)]
+    lines = report.compare_tables(rows, {"sizes": scale.FULL, "limit_mb": 12288.0})
+    assert "| sft | 0.50 met (≤ 0.6) | 0.90 missed (≤ 0.8) | 1.50 | 1.50 |" in lines
+    assert "| sft | ours | on | 2040 | 3000 (100 / 3000) | 900 | 1.0 | ours + trl default + trl best |" in lines
+
+
+def test_gpu_check_dry_run_names_each_part(tmp_path):
+    out = tmp_path / "gpu_check"
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for expected in ("environment", "gpu-tests", "pytest -m gpu tests/test_gpu.py", "mfu",
+                     "--model qwen2.5-1.5b --seq-len 2048", "--peft lora,none", "ours-vs-trl", "--parts compare",
+                     "qlora-7b", "--parts qlora", str(out / "gpu_check_report.md")):
+        assert expected in result.stdout, expected
+    assert not out.exists()  # a dry run writes nothing
 
 
 def sft_examples(n: int = 12):

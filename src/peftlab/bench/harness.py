@@ -44,32 +44,78 @@ class Turns:
             self.condition.notify_all()
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+DEFAULT_MMAP_THRESHOLD = 2**20  # the bench's: blocks of 1 MiB and more go back to the system when freed
+
+
+def set_mmap_threshold(threshold_bytes: int) -> bool:
+    """glibc's malloc: allocations of at least `threshold_bytes` get their own mapping, returned to the system
+    when freed (mallopt M_MMAP_THRESHOLD; 0 leaves glibc's default). By default glibc raises that threshold by
+    itself, up to 32 MiB, each time it frees a large block, and what is freed below it stays in its heaps: a
+    process's resident size then also counts memory that no tensor holds, more or less of it depending on the
+    order of the allocations, so peak RSS would measure the allocator's history rather than what a run needs.
+    A fixed threshold keeps RSS close to the live tensors, for both tools alike. Returns whether it applied."""
+    if not threshold_bytes:
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: a CUDA clock read without it measures the launch, not the step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StepLog:
-    """One run's steps: how long each took while the run held the baton, its trained tokens and peak memory."""
+    """One run's steps: how long each took while the run held the baton, its trained tokens and peak memory.
+
+    `loaded()` (optional, called once the run has built its model and before its first step) keeps the peak of
+    the loading apart: the steps' peak then counts from there.
+    """
 
     def __init__(self, name: str, turns: Turns, memory: "PeakMemory"):
         self.name, self.turns, self.memory = name, turns, memory
         self.times: list[float] = []
         self.tokens: list[int] = []
         self.peak_mb = 0.0
+        self.load_peak_mb: float | None = None
+        self.checkpointing: bool | None = None  # set by the runner once the model is built
+        self.held_mb = 0.0  # memory in use after the last optimizer step: what the run keeps between its turns
+        self.load_s: float | None = None
         self.pending_tokens = 0
         self.started = 0.0
 
     def begin(self) -> None:
         """Wait for this run's turn, then start the clock (of a step, or of the setup and first step)."""
         self.turns.wait(self.name)
+        synchronize(self.memory.device)
         self.memory.reset()
         self.started = time.perf_counter()
+
+    def loaded(self) -> None:
+        """The model is built: its loading peak is recorded, and the peak memory counts anew from here."""
+        synchronize(self.memory.device)
+        self.load_s = time.perf_counter() - self.started
+        self.load_peak_mb = self.memory.peak_mb()
+        self.memory.reset()
 
     def count(self, num_tokens: int) -> None:
         self.pending_tokens += int(num_tokens)
 
     def step_end(self) -> None:
         """After an optimizer step: record it, let the other runs take their step, and start the next clock."""
+        synchronize(self.memory.device)
         self.times.append(time.perf_counter() - self.started)
         self.tokens.append(self.pending_tokens)
         self.pending_tokens = 0
         self.peak_mb = max(self.peak_mb, self.memory.peak_mb())
+        self.held_mb = self.memory.current_mb()
         self.turns.pass_on(self.name)
         self.begin()
 
@@ -82,9 +128,13 @@ class StepLog:
             "steps": len(times),
             "step_s": statistics.median(times),
             "tokens_per_step": statistics.median(tokens),
+            "tokens_total": sum(self.tokens),  # the warm-up's too: one epoch, every row once
             "us_per_token": statistics.median(t / n for t, n in zip(times, tokens)) * 1e6,
             "tokens_per_s": sum(tokens) / sum(times),
             "peak_mem_mb": self.peak_mb,
+            "load_peak_mb": self.load_peak_mb,
+            "load_s": self.load_s,
+            "held_mb": self.held_mb,
         }
 
 
@@ -118,15 +168,31 @@ class PeakMemory:
         except OSError:
             pass
 
+    def current_mb(self) -> float:
+        """In use now: CUDA allocated, or the process's resident size."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return process_status_mb("VmRSS") or 0.0
+
     def peak_mb(self) -> float:
         from peftlab.loop import peak_memory_bytes
 
-        status = Path("/proc/self/status")
-        if self.device.type != "cuda" and status.exists():
-            match = re.search(r"VmHWM:\s+(\d+) kB", status.read_text())
-            if match:
-                return int(match.group(1)) / 1024
+        if self.device.type != "cuda":
+            high_water = process_status_mb("VmHWM")
+            if high_water is not None:
+                return high_water
         return peak_memory_bytes(self.device) / 2**20  # CUDA max allocated; else the process's ru_maxrss
+
+
+def process_status_mb(field: str, pid: int | str = "self") -> float | None:
+    """A memory line of /proc/<pid>/status in MB (VmRSS: resident now, VmHWM: its high-water mark); None where
+    there is no such file (not Linux, or the process has gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"{field}:\s+(\d+) kB", text)
+    return int(match.group(1)) / 1024 if match else None
 
 
 def flops_per_token(model_dir: Path, peft: str, seq_len: int) -> float:

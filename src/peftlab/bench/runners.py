@@ -10,7 +10,13 @@ import torch
 
 from peftlab import REPO_ROOT
 from peftlab.bench.harness import PeakMemory, StepLog, Turns, count_forward_tokens, flops_per_token, peak_bf16_flops
-from peftlab.bench.workloads import completion_length_reward, save_random_model, synthetic_rows, write_rows
+from peftlab.bench.workloads import completion_length_reward, resolve_model, synthetic_rows, write_rows
+
+
+def is_checkpointing(model) -> bool:
+    """Whether the model (a PeftModel or a transformers model) recomputes activations in its backward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_gradient_checkpointing", False))
 
 
 # ---- ours ----------------------------------------------------------------------------------------------------------
@@ -67,6 +73,8 @@ def run_ours(cfg, device, log: StepLog) -> None:
     bf16 = train_dtype(cfg.trainer.precision, device) == torch.bfloat16
     accelerator = dist.make_accelerator(cfg.dist, cfg.trainer, bf16)
     built = build_run(cfg, accelerator)
+    log.checkpointing = is_checkpointing(built.policy)
+    log.loaded()
     handle = count_forward_tokens(built.policy, log)  # the same count as TRL's runs get
     with tempfile.TemporaryDirectory(prefix="peftlab-bench-") as run_dir:
         loop.train(cfg.trainer, built, accelerator=accelerator, run_dir=Path(run_dir), runlog=StepClock(log))
@@ -87,12 +95,48 @@ def trl_rows(algo: str, rows: list[dict]) -> list[dict]:
     return [{"prompt": r["prompt"]} for r in rows]
 
 
-# TRL's settings per algo: "default" changes nothing; "best" is its fastest configuration for the job.
+# TRL's settings per algo: "default" changes nothing; "best" is its fastest configuration for the job, with the
+# gradient checkpointing our memory policy picks for the same job (trl_settings); "liger" is "best" with Liger's
+# Triton kernels (GPU only).
 TRL_SETTINGS = {
-    "sft": {"default": {}, "best": {"packing": True, "gradient_checkpointing": False}},
-    "dpo": {"default": {}, "best": {"precompute_ref_log_probs": True, "gradient_checkpointing": False}},
+    "sft": {"default": {}, "best": {"packing": True}, "liger": {"packing": True, "use_liger_kernel": True}},
+    "dpo": {"default": {}, "best": {"precompute_ref_log_probs": True},
+            "liger": {"precompute_ref_log_probs": True, "use_liger_kernel": True}},
     "grpo": {"default": {}},  # generation dominates; TRL has no packing or precompute for it
 }
+
+
+def trl_settings(cfg, algo: str, setting: str) -> dict:
+    """TRL_SETTINGS[algo][setting]; beyond "default", gradient checkpointing as our trainer.gradient_checkpointing
+    decides for this job (peftlab.memory.use_checkpointing: on where the kept activations would outweigh the
+    weights), so that "best" differs from ours in how it computes, not in what it chooses to keep."""
+    from hydra.utils import get_class
+
+    from peftlab.memory import use_checkpointing
+    from peftlab.models import load_model_config, weights_dtype
+
+    settings = dict(TRL_SETTINGS[algo][setting])
+    if setting != "default":
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        tokens = int(cfg.trainer.batch_size) * int(cfg.model.max_length) * \
+            get_class(cfg.algo._target_).sequences_per_example
+        settings["gradient_checkpointing"] = use_checkpointing(
+            cfg.trainer.gradient_checkpointing, load_model_config(cfg.model), tokens,
+            weights_dtype(cfg.model, compute), quantized=False)
+    return settings
+
+
+def unavailable(setting: str, device) -> str | None:
+    """Why a TRL setting cannot run here (None: it can)."""
+    if setting != "liger":
+        return None
+    if device.type != "cuda":
+        return "Liger's kernels are Triton: GPU only"
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return "liger-kernel is not installed"
+    return None
 
 
 def run_trl(cfg, algo: str, setting: str, rows: list[dict], args, device, log: StepLog) -> None:
@@ -119,7 +163,7 @@ def run_trl(cfg, algo: str, setting: str, rows: list[dict], args, device, log: S
     common = dict(output_dir=tempfile.mkdtemp(prefix="peftlab-bench-trl-"), max_steps=args.warmup + args.steps,
                   learning_rate=float(cfg.trainer.lr), use_cpu=device.type == "cpu", bf16=bf16, report_to=[],
                   save_strategy="no", seed=int(cfg.trainer.seed), disable_tqdm=True, dataloader_num_workers=0,
-                  **TRL_SETTINGS[algo][setting])
+                  **trl_settings(cfg, algo, setting))
     if algo == "sft":
         from trl import SFTConfig, SFTTrainer
 
@@ -141,6 +185,9 @@ def run_trl(cfg, algo: str, setting: str, rows: list[dict], args, device, log: S
                             **common)
         trainer = GRPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                               reward_funcs=completion_length_reward, peft_config=peft_config, callbacks=[StepEnd()])
+    # transformers' Trainer turns checkpointing on inside train(): its argument says what the steps will do.
+    log.checkpointing = bool(trainer.args.gradient_checkpointing)
+    log.loaded()
     handle = count_forward_tokens(trainer.model, log)
     try:
         trainer.train()
@@ -151,13 +198,25 @@ def run_trl(cfg, algo: str, setting: str, rows: list[dict], args, device, log: S
 # ---- the benchmark -------------------------------------------------------------------------------------------------
 
 
-def run_algo(model_dir: Path, algo: str, rows: list[dict], args, device, work_dir: Path) -> list[dict]:
-    """Every peft of one algo, ours and TRL's settings, each run in a thread, taking turns step by step (`Turns`):
-    ours vs TRL and DoRA vs LoRA are then measured under the same machine load."""
+def default_runs(algo: str, args, device) -> list[tuple[str, str, str]]:
+    """(peft, tool, setting) of every run of one algo: ours and the asked-for TRL settings that can run here."""
+    for setting in args.trl:
+        reason = unavailable(setting, device) if setting in TRL_SETTINGS[algo] else None
+        if reason:
+            print(f"{algo}: TRL {setting} not run: {reason}", flush=True)
+    settings = [s for s in TRL_SETTINGS[algo] if s in args.trl and not unavailable(s, device)]
+    return [(peft, tool, setting) for peft in args.peft
+            for tool, setting in [("ours", "default")] + [("trl", s) for s in settings]]
+
+
+def run_algo(model_dir: Path, algo: str, rows: list[dict], args, device, work_dir: Path,
+             runs: list[tuple[str, str, str]] | None = None) -> list[dict]:
+    """`runs` ((peft, tool, setting); default: every peft of args, ours and TRL's settings) of one algo, each in a
+    thread, taking turns step by step (`Turns`): ours vs TRL and DoRA vs LoRA are then measured under the same
+    machine load."""
+    runs = runs or default_runs(algo, args, device)
     data_file = write_rows(rows, work_dir / f"{algo}-rows.jsonl")
-    configs = {peft: our_config(model_dir, data_file, peft, algo, args) for peft in args.peft}  # not in threads
-    runs = [(peft, tool, setting) for peft in args.peft
-            for tool, setting in [("ours", "default")] + [("trl", s) for s in TRL_SETTINGS[algo] if s in args.trl]]
+    configs = {peft: our_config(model_dir, data_file, peft, algo, args) for peft, _, _ in runs}  # not in threads
     turns = Turns([" ".join(run) for run in runs])
     logs = {run: StepLog(" ".join(run), turns, PeakMemory(device)) for run in runs}
     errors = []
@@ -175,15 +234,22 @@ def run_algo(model_dir: Path, algo: str, rows: list[dict], args, device, work_di
         finally:
             turns.pass_on(log.name, finished=True)
 
-    threads = [threading.Thread(target=take_turns, args=run, name="-".join(run)) for run in runs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    if len(runs) == 1:  # nothing to take turns with: run in this thread, as train.py does (its allocator arena too)
+        take_turns(*runs[0])
+    else:
+        threads = [threading.Thread(target=take_turns, args=run, name="-".join(run)) for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     if errors:
         raise errors[0]
-    return [{"algo": algo, "peft": peft, "tool": tool, "setting": setting, **logs[(peft, tool, setting)].summary(
-        args.warmup)} for peft, tool, setting in runs]
+    results = []
+    for run in runs:
+        peft, tool, setting = run
+        results.append({"algo": algo, "peft": peft, "tool": tool, "setting": setting,
+                        **logs[run].summary(args.warmup), "checkpointing": logs[run].checkpointing})
+    return results
 
 
 def run_all(args) -> list[dict]:
@@ -195,8 +261,7 @@ def run_all(args) -> list[dict]:
     peak_flops = peak_bf16_flops()
     results = []
     with tempfile.TemporaryDirectory(prefix="peftlab-bench-model-") as tmp:
-        model_dir = Path(args.model) if Path(args.model).is_dir() else \
-            save_random_model(args.model, Path(tmp) / "model", args.seed, args.vocab_size)
+        model_dir = resolve_model(args.model, Path(tmp), args.seed, args.vocab_size, Path(args.arch_dir))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         for algo in args.algo:
             per_step = args.grpo_prompts if algo == "grpo" else args.batch_size

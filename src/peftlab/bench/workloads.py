@@ -1,7 +1,9 @@
-"""What the benchmark measures on: random-weight models of a given shape, and synthetic rows of realistic lengths."""
+"""What the benchmark measures on: random-weight models (a bench shape, or a public model's exact architecture
+from scripts/make_arch_checkpoint.py) and synthetic rows of realistic lengths."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import torch
 from peftlab import REPO_ROOT
 
 TOKENIZER_DIR = REPO_ROOT / "assets" / "models" / "tiny_qwen"  # the shipped byte-level BPE
+ARCH_SCRIPT = REPO_ROOT / "scripts" / "make_arch_checkpoint.py"
+DEFAULT_ARCH_DIR = Path("/tmp/bench-arch")  # where exact-architecture checkpoints are written once and reused
 
 # Qwen2-architecture shapes built from a config with random weights (the vocabulary is the tokenizer's unless set).
 MODEL_PRESETS = {
@@ -17,8 +21,6 @@ MODEL_PRESETS = {
                       num_key_value_heads=4),
     "qwen2-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2),  # for tests: seconds per run
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936),  # the GPU MFU check
 }
 
 WORDS = ("the cat sat on a mat while seven birds sang about rivers and stones near old red houses where people "
@@ -42,6 +44,43 @@ def save_random_model(preset: str, out_dir: Path, seed: int, vocab_size: int | N
     return out_dir
 
 
+def arch_script():
+    """scripts/make_arch_checkpoint.py as a module (a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("make_arch_checkpoint", ARCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def arch_presets() -> list[str]:
+    return list(arch_script().PRESETS)
+
+
+def arch_checkpoint(preset: str, root: Path = DEFAULT_ARCH_DIR) -> Path:
+    """root/<preset>: a random-weight bf16 checkpoint with the public model's exact config, written on first use.
+
+    The tokenizer is written last (make_arch_checkpoint.write_checkpoint), so its files mark a complete checkpoint.
+    """
+    out_dir = Path(root) / preset
+    if not (out_dir / "tokenizer_config.json").exists():
+        arch_script().write_checkpoint(preset, out_dir)
+    return out_dir
+
+
+def resolve_model(name: str, work_dir: Path, seed: int, vocab_size: int | None = None,
+                  arch_dir: Path = DEFAULT_ARCH_DIR) -> Path:
+    """--model → a checkpoint directory: a directory as it is, a bench shape (MODEL_PRESETS) saved into work_dir,
+    or a public architecture (make_arch_checkpoint's presets) written once into arch_dir."""
+    if Path(name).is_dir():
+        return Path(name)
+    if name in MODEL_PRESETS:
+        return save_random_model(name, Path(work_dir) / "model", seed, vocab_size)
+    if name in arch_presets():
+        return arch_checkpoint(name, arch_dir)
+    raise ValueError(f"--model {name}: not a directory, a bench shape ({', '.join(MODEL_PRESETS)}) or an "
+                     f"architecture preset ({', '.join(arch_presets())})")
+
+
 def random_text(generator: torch.Generator, num_tokens: int, word_tokens: dict[str, int]) -> str:
     """Random words whose token count (each word with its leading space) adds up to about `num_tokens`."""
     words, count = [], 0
@@ -59,12 +98,15 @@ def chat_overhead(tokenizer) -> int:
     return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def synthetic_rows(algo: str, num_rows: int, tokenizer, seq_len: int, max_new_tokens: int, seed: int) -> list[dict]:
+def synthetic_rows(algo: str, num_rows: int, tokenizer, seq_len: int, max_new_tokens: int, seed: int,
+                   full_length: bool = False) -> list[dict]:
     """Canonical rows (peftlab.data.schemas) of random words with realistic, varied lengths.
 
     prompt + answer spans seq_len/4 to seq_len tokens (uniform: 64-256 at 256), the prompt taking 20-60% of it, so
     a padded batch wastes about a third of its positions, as real data does. DPO: chosen and rejected get
     independent lengths. GRPO: prompts of seq_len/8 to seq_len - max_new_tokens tokens (the completion is sampled).
+    `full_length` (SFT, DPO): every sequence fills the budget (the chat template included) and a pair's answers
+    are equally long, so memory at a given sequence length is measured at that length.
     """
     generator = torch.Generator().manual_seed(seed)
     word_tokens = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in WORDS}
@@ -74,7 +116,8 @@ def synthetic_rows(algo: str, num_rows: int, tokenizer, seq_len: int, max_new_to
         return int(torch.randint(low, high + 1, (1,), generator=generator))
 
     def split_lengths() -> tuple[int, int]:
-        total = uniform(seq_len // 4, seq_len - overhead - 4)
+        longest = seq_len - overhead - 4  # a word may run a few tokens past its target
+        total = longest if full_length else uniform(seq_len // 4, longest)
         prompt = int(total * (0.2 + 0.4 * float(torch.rand((), generator=generator))))
         return prompt, total - prompt
 
@@ -89,7 +132,7 @@ def synthetic_rows(algo: str, num_rows: int, tokenizer, seq_len: int, max_new_to
         if algo == "sft":
             rows.append({"prompt": prompt, "completion": random_text(generator, answer_len, word_tokens)})
         else:  # dpo: two answers to the prompt, each within the sequence budget
-            rejected_len = uniform(8, max(8, seq_len - overhead - 4 - prompt_len))
+            rejected_len = answer_len if full_length else uniform(8, max(8, seq_len - overhead - 4 - prompt_len))
             rows.append({"prompt": prompt, "chosen": random_text(generator, answer_len, word_tokens),
                          "rejected": random_text(generator, rejected_len, word_tokens)})
     return rows
