@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import FAST, REPO, algorithm, compose, nonzero_lora_b, read_metrics
+from peftlab.sampling import to_device
 
 pytestmark = [
     pytest.mark.gpu,
@@ -80,7 +81,7 @@ def batch_of(cfg, n: int = 4) -> dict:
 
     algo = algorithm(packing=False)
     rows = load_splits(cfg.data, "sft", 0).train[:n]
-    return {k: v.to(CUDA) for k, v in algo.collate(algo.build_examples(rows)).items()}
+    return to_device(algo.collate(algo.build_examples(rows)), CUDA)
 
 
 def lora_gradients(model, batch: dict) -> dict[str, torch.Tensor]:
@@ -161,7 +162,7 @@ def test_packed_sft_equals_padded_on_cuda():
     results = []
     for algo, batch in ((padded, padded.collate(examples)), (packed, packed.collate(examples))):
         policy.zero_grad(set_to_none=True)
-        loss, _ = algo.loss(policy, {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in batch.items()})
+        loss, _ = algo.loss(policy, to_device(batch, CUDA))
         loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in policy.parameters() if p.requires_grad]))
     (loss_padded, grads_padded), (loss_packed, grads_packed) = results
@@ -184,8 +185,7 @@ def test_packed_dpo_log_probs_equal_padded_on_cuda():
         algos.append(algo)
     padded, packed = algos
     examples = padded.build_examples(load_splits(cfg.data, "preference", 0).train[:6])
-    on_cuda = lambda batch: {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in batch.items()}  # noqa: E731
-    a, b = on_cuda(padded.collate(examples)), on_cuda(packed.collate(examples))
+    a, b = to_device(padded.collate(examples), CUDA), to_device(packed.collate(examples), CUDA)
     torch.testing.assert_close(packed.answer_logps(policy, b), padded.answer_logps(policy, a), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(packed.reference_logps(b), padded.reference_logps(a), atol=1e-4, rtol=1e-4)
 
