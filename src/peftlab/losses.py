@@ -303,7 +303,10 @@ def chunked_token_logprobs(
     return logps, mask, entropy
 
 
-DEFAULT_LOGITS_BUDGET_BYTES = 256 * 2**20
+# One logits slab of at most 64 MiB: at a 152k vocabulary, chunks of ~110 positions. The slab only has to be small
+# next to one decoder layer's recomputed activations (the step's peak is in the backward, not in the head); a
+# larger one raises that peak, and more, smaller chunks cost little (each is still a matmul of ~110 × H × V).
+DEFAULT_LOGITS_BUDGET_BYTES = 64 * 2**20
 
 
 def auto_chunk_size(vocab_size: int, num_positions: int, budget_bytes: int = DEFAULT_LOGITS_BUDGET_BYTES) -> int | None:
