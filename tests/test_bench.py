@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, algorithm, compose, live_policy, set_up
 from peftlab import losses
-from peftlab.bench import report, runners, scale, workloads
+from peftlab.bench import isolated, report, runners, scale, workloads
 from peftlab.bench.__main__ import main, parse_args
 from peftlab.logprobs import lm_logits
 from peftlab.data import load_splits
@@ -117,9 +117,9 @@ def test_a_memory_run_in_a_fresh_process_and_one_stopped_at_the_limit(tmp_path):
     spec = {"part": "qlora", "algo": "sft", "peft": "lora", "tool": "ours", "setting": "default",
             "model": "tiny-qwen-152k", "model_dir": str(model_dir), "seq_len": 32, "batch_size": 1, "warmup": 1,
             "steps": 1, "threads": 1, "seed": 0, "malloc_mmap_threshold": 2**20}
-    stopped = scale.run_isolated([spec], tmp_path / "logs", limit_mb=64, jobs=1, needed_mb=0)
+    stopped = isolated.run_isolated([spec], tmp_path / "logs", limit_mb=64, jobs=1, needed_mb=0)
     assert next(iter(stopped.values()))["status"].startswith("stopped: resident memory passed the 64 MB limit")
-    [figures] = scale.run_isolated([spec], tmp_path / "logs", limit_mb=8192, jobs=1, needed_mb=0).values()
+    [figures] = isolated.run_isolated([spec], tmp_path / "logs", limit_mb=8192, jobs=1, needed_mb=0).values()
     assert figures["status"] == "ok" and figures["tokens_per_step"] > 0
     assert figures["peak_mb"] >= figures["load_peak_mb"] > figures["start_mb"] > 0
 

@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     command = "python -m peftlab.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.one is not None:  # its allocator setting comes in the spec
-        from peftlab.bench.scale import RESULT_PREFIX, measure_one
+        from peftlab.bench.isolated import RESULT_PREFIX, measure_one
 
         print(RESULT_PREFIX + json.dumps(measure_one(json.loads(args.one))), flush=True)
         return
