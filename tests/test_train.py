@@ -224,24 +224,27 @@ HEAP_PROBE = """
 import sys, torch
 from peftlab.memory import release_host_memory
 released = sys.argv[1] == "release" and release_host_memory()
+numel = int(sys.argv[2])
 def resident():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 first = torch.ones(1 << 20); del first  # freeing one mapped 4 MiB buffer raises glibc's own threshold past 4 MiB
 start = resident()
-buffers = [torch.ones(1 << 20) for _ in range(100)]  # 400 MiB in 4 MiB buffers
-pin = torch.ones(1 << 20)  # a buffer still in use above them, as a step's later tensors are
+buffers = [torch.ones(numel) for _ in range((400 << 20) // (4 * numel))]  # 400 MiB in buffers of numel floats
+pin = torch.ones(numel)  # a buffer still in use above them, as a step's later tensors are
 del buffers
 print(released, (resident() - start) / 2**20)
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
-def test_release_host_memory_gives_freed_buffers_back():
-    """trainer.release_host_memory: 400 MiB of freed 4 MiB buffers leave the process (glibc's default keeps them
-    in its heap below a buffer still in use)."""
+@pytest.mark.parametrize("buffer_kib", [4096, 256])
+def test_release_host_memory_gives_freed_buffers_back(buffer_kib):
+    """trainer.release_host_memory: 400 MiB of freed buffers leave the process, large ones (activations) and small
+    ones (a layer's rank-r LoRA activations: 256 KiB), where glibc's default keeps them in its heap below a buffer
+    still in use."""
     def held_after_free(mode):
-        result = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True,
-                                env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+        result = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode, str(buffer_kib * 256)], capture_output=True,
+                                text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
         released, mib = result.stdout.split()
         return released == "True", float(mib)
 

@@ -7,14 +7,19 @@ import torch
 
 CHECKPOINTING_FLOOR_BYTES = 2**30  # below this, activations are cheap whatever the model: recomputing costs time only
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter: the size from which malloc maps a buffer of its own
+# glibc's own starting value, kept fixed: glibc would raise it, up to 32 MiB, each time a mapped buffer is freed
+HOST_MMAP_THRESHOLD_BYTES = 128 * 2**10
 
 
-def release_host_memory() -> bool:
-    """Make glibc give host buffers of 1 MiB and more back to the OS when they are freed (trainer.release_host_memory).
+def release_host_memory(threshold_bytes: int = HOST_MMAP_THRESHOLD_BYTES) -> bool:
+    """Make glibc give host buffers of `threshold_bytes` and more back to the OS when they are freed
+    (trainer.release_host_memory; the bench's --malloc-mmap-threshold).
 
     By default glibc raises its mmap threshold as large buffers come and go, and serves them from a heap it keeps:
     the process's resident memory then stays at its high-water mark of fragments, which on CPU is most of a step's
-    peak. Returns False where there is no glibc (macOS, musl): nothing changes there.
+    peak. A threshold fixed at glibc's starting 128 KiB also maps the small per-layer buffers (LoRA's rank-r
+    activations, attention statistics) that a checkpointed forward frees between long-lived ones, so they leave no
+    holes in the heap either. Returns False where there is no glibc (macOS, musl): nothing changes there.
     """
     import ctypes
 
@@ -22,7 +27,7 @@ def release_host_memory() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1
+    return mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)) == 1
 
 
 def activation_bytes(model_config, tokens: int, dtype: torch.dtype) -> int:

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from peftlab.bench import __doc__ as DOC
-from peftlab.bench.harness import DEFAULT_MMAP_THRESHOLD
 from peftlab.bench.workloads import DEFAULT_ARCH_DIR, MODEL_PRESETS
+from peftlab.memory import HOST_MMAP_THRESHOLD_BYTES, release_host_memory
 
 
 def parse_args(argv=None):
@@ -32,9 +32,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both tools")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench", help="directory for the results (bench.* or scale.*)")
-    parser.add_argument("--malloc-mmap-threshold", type=int, default=DEFAULT_MMAP_THRESHOLD, metavar="BYTES",
-                        help="glibc: freed blocks of this size and more go back to the system, so CPU peak RSS "
-                             "counts what runs hold, not what the allocator kept (0: glibc's own dynamic rule)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=HOST_MMAP_THRESHOLD_BYTES,
+                        metavar="BYTES", help="glibc: freed blocks of this size and more go back to the system, so CPU "
+                        "peak RSS counts what runs hold, not what the allocator kept; the same for both tools "
+                        "(default: train.py's trainer.release_host_memory; 0: glibc's own dynamic rule)")
     parser.add_argument("--arch-dir", default=str(DEFAULT_ARCH_DIR),
                         help="where public-architecture checkpoints are written once and reused")
     suite = parser.add_argument_group("--suite scale (peftlab.bench.scale)")
@@ -76,9 +77,8 @@ def main(argv=None) -> None:
 
         print(RESULT_PREFIX + json.dumps(measure_one(json.loads(args.one))), flush=True)
         return
-    from peftlab.bench.harness import set_mmap_threshold
-
-    set_mmap_threshold(args.malloc_mmap_threshold)
+    if args.malloc_mmap_threshold:
+        release_host_memory(args.malloc_mmap_threshold)
     if args.suite == "scale":
         from peftlab.bench.report import read_scale, write_scale
         from peftlab.bench.scale import run_suite

@@ -44,28 +44,6 @@ class Turns:
             self.condition.notify_all()
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-DEFAULT_MMAP_THRESHOLD = 2**20  # the bench's: blocks of 1 MiB and more go back to the system when freed
-
-
-def set_mmap_threshold(threshold_bytes: int) -> bool:
-    """glibc's malloc: allocations of at least `threshold_bytes` get their own mapping, returned to the system
-    when freed (mallopt M_MMAP_THRESHOLD; 0 leaves glibc's default). By default glibc raises that threshold by
-    itself, up to 32 MiB, each time it frees a large block, and what is freed below it stays in its heaps: a
-    process's resident size then also counts memory that no tensor holds, more or less of it depending on the
-    order of the allocations, so peak RSS would measure the allocator's history rather than what a run needs.
-    A fixed threshold keeps RSS close to the live tensors, for both tools alike. Returns whether it applied."""
-    if not threshold_bytes:
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work: a CUDA clock read without it measures the launch, not the step."""
     if device.type == "cuda":

@@ -16,8 +16,9 @@ from types import SimpleNamespace
 
 import torch
 
-from peftlab.bench.harness import PeakMemory, process_status_mb, set_mmap_threshold
+from peftlab.bench.harness import PeakMemory, process_status_mb
 from peftlab.bench.workloads import synthetic_rows
+from peftlab.memory import release_host_memory
 
 RESULT_PREFIX = "BENCH_RESULT "  # the line a memory run's figures come back on
 MIN_FREE_MB = 1536  # a memory run is stopped when the machine's available memory falls below this
@@ -50,7 +51,8 @@ def measure_one(spec: dict) -> dict:
 
     from peftlab.bench.runners import run_algo
 
-    set_mmap_threshold(spec["malloc_mmap_threshold"])
+    if spec["malloc_mmap_threshold"]:
+        release_host_memory(spec["malloc_mmap_threshold"])
     import_run_libraries(spec["tool"])
     torch.set_num_threads(spec["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -264,7 +264,7 @@ def qlora_table(rows: list[dict], facts: dict) -> list[str]:
 
 def allocator_note(threshold: int | None) -> str:
     if threshold:
-        return f"glibc returning freed blocks of {threshold / 2**20:g} MiB and more at once (mallopt " \
+        return f"glibc returning freed blocks of {threshold / 2**10:g} KiB and more at once (mallopt " \
                "M_MMAP_THRESHOLD: no freed memory kept in the allocator's heaps counts)"
     return "glibc's default allocator (memory it keeps after freeing counts)"
 

@@ -36,6 +36,7 @@ def our_config(model_dir: Path, data_file: Path, peft: str, algo: str, args):
         f"trainer.batch_size={args.grpo_prompts if algo == 'grpo' else args.batch_size}",
         "trainer.grad_accum=1", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=0",
         f"trainer.num_threads={args.threads}", f"trainer.seed={args.seed}",
+        "trainer.release_host_memory=false",  # the bench sets the allocator, the same for both tools
     ]
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
