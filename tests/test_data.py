@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose
+from conftest import REPO, compose
 from peftlab.data import load_splits
 from peftlab.data.format import IGNORE, encode_prompt_completion, render_prompt
 from peftlab.errors import DataError
@@ -65,6 +68,37 @@ def test_named_schema_missing_column(tmp_path):
     path = write(tmp_path / "a.jsonl", ALPACA)
     with pytest.raises(DataError, match=r"data.schema=messages needs column\(s\) \['messages'\]"):
         load_splits(data_cfg(path, schema="messages"), "sft")
+
+
+def test_json_files_are_read_without_datasets(tmp_path):
+    """A .json file holding JSON Lines reads like the .jsonl; a row that lacks a column reads as None there (as
+    `datasets` fills it: alpaca's optional `input`); and neither import `datasets` (no arrow cache either)."""
+    lines = "".join(json.dumps({k: v for k, v in r.items() if k != "input" or v}) + "\n" for r in ALPACA)
+    (tmp_path / "lines.json").write_text(lines)
+    (tmp_path / "lines.jsonl").write_text(lines)
+    as_json, as_jsonl = (load_splits(data_cfg(tmp_path / name, eval_size=0), "sft").train
+                         for name in ("lines.json", "lines.jsonl"))
+    assert as_json == as_jsonl and len(as_json) == 10
+    assert as_json[1]["prompt"] == [{"role": "user", "content": "Add 1 and 2."}]  # no `input` key in that row
+    probe = ("import sys; from omegaconf import OmegaConf; from peftlab.data import load_splits; "
+             f"load_splits(OmegaConf.create({dict(data_cfg(tmp_path / 'lines.jsonl'))!r}), 'sft'); "
+             "print('datasets' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert result.stdout.split()[-1] == "False"
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("rows.jsonl", '{"instruction": "a", "output": "b"}\n["a", "b"]\n', r"rows.jsonl, line 2: a row must be a JSON "
+                                                                         r"object, found a JSON list"),
+    ("rows.json", '[{"instruction": "a", "output": "b"}, 3]', r"rows.json, row 2: a row must be a JSON object"),
+    ("rows.json", '"just text"', r"rows.json: expected a list of objects or JSON Lines, found a JSON str"),
+    ("rows.json", '[{"instruction": "a",', r"rows.json, line 1: not valid JSON"),
+])
+def test_json_rows_that_are_not_objects_name_their_place(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_splits(data_cfg(tmp_path / name), "sft")
 
 
 def test_missing_file(tmp_path):

@@ -1,5 +1,6 @@
 """Load a dataset from the hub, a local copy of a hub repository, or a local json/jsonl/parquet/csv file, and map
-it onto canonical columns."""
+it onto canonical columns. JSON and JSON Lines files are read by the json module (`JsonRows`): no `datasets`
+import and no arrow cache for the commonest local format; the others go through `datasets`."""
 
 from __future__ import annotations
 
@@ -35,10 +36,6 @@ def load_table(path: str, split: str, name: str | None, data_dir: str | None, ke
     name each configuration's files per split). `name` is the configuration (gsm8k's `main`), `data_dir` a folder
     inside the repository (hh-rlhf's `harmless-base`); a file has neither, so both are ignored for one. `key`
     names the config key the path came from, for the error lines."""
-    import datasets
-
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
     if is_local_file(path):
         file = Path(path).expanduser()
         if not file.exists():
@@ -46,7 +43,15 @@ def load_table(path: str, split: str, name: str | None, data_dir: str | None, ke
         if file.suffix not in LOCAL_FORMATS:
             raise DataError(f"{key}={path}: unsupported file type {file.suffix!r}; use {', '.join(LOCAL_FORMATS)} "
                             "or a directory in the hub layout")
-        check_local_file(file, key)
+        if file.stat().st_size == 0:
+            raise DataError(f"{key}={file} has no rows (the file is empty)")
+        if LOCAL_FORMATS[file.suffix] == "json":
+            return JsonRows(read_json_records(file, key))
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    if is_local_file(path):
         try:
             return datasets.load_dataset(LOCAL_FORMATS[file.suffix], data_files=str(file), split="train")
         except Exception as err:  # the reader's own message names the problem; its traceback does not help
@@ -81,19 +86,58 @@ def directory_cache(directory: Path) -> str:
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "local" / digest)
 
 
-def check_local_file(file: Path, key: str) -> None:
-    """An empty file, or a jsonl line that is not JSON, named with its line number before the reader sees it."""
-    if file.stat().st_size == 0:
-        raise DataError(f"{key}={file} has no rows (the file is empty)")
-    if file.suffix != ".jsonl":
-        return
-    with open(file) as lines:
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{key}={file}, line {number}: not valid JSON ({err.msg})") from None
+class JsonRows:
+    """A JSON/JSONL file's rows as `to_rows` reads a `datasets.Dataset`: the column names (every key of every row,
+    in order of first appearance), a length, rows as dicts with every column (None where a row lacks one, as
+    `datasets` fills them), and `select`."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+        self.column_names = list(dict.fromkeys(key for record in records for key in record))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        return ({column: record.get(column) for column in self.column_names} for record in self.records)
+
+    def select(self, indices) -> JsonRows:
+        return JsonRows([self.records[i] for i in indices])
+
+
+def read_json_records(file: Path, key: str) -> list[dict]:
+    """The objects of a JSON Lines file (one per non-blank line), or of a JSON file holding a list of them (a
+    .json file may also be JSON Lines, as `datasets` reads it). A line that is not JSON, or a row that is not an
+    object, is a DataError naming its line or row."""
+    text = file.read_text()
+    if file.suffix == ".json":
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            document = None  # JSON Lines in a .json file, or broken: the line reader below names the line
+        if isinstance(document, list):
+            return [_json_object(item, f"{key}={file}, row {number}") for number, item in enumerate(document, 1)]
+        if document is not None and not isinstance(document, dict):
+            raise DataError(f"{key}={file}: expected a list of objects or JSON Lines, found a JSON "
+                            f"{type(document).__name__}")
+        if isinstance(document, dict):
+            return [_json_object(document, f"{key}={file}, row 1")]
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{key}={file}, line {number}: not valid JSON ({err.msg})") from None
+        records.append(_json_object(item, f"{key}={file}, line {number}"))
+    return records
+
+
+def _json_object(item, where: str) -> dict:
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: a row must be a JSON object, found a JSON {type(item).__name__}")
+    return item
 
 
 def is_empty(value) -> bool:
