@@ -69,15 +69,20 @@ def markdown(results: list[dict], args, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: list[dict], out_dir: Path, args, command: str) -> tuple[Path, Path]:
+def write_tables(out_dir: Path, stem: str, columns: list[str], rows: list[dict], text: str) -> tuple[Path, Path]:
+    """<stem>.csv (the rows, in `columns`) and <stem>.md (`text`) in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / "bench.csv", out_dir / "bench.md"
+    csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(results)
-    md_path.write_text(markdown(results, args, command))
+        writer.writerows(rows)
+    md_path.write_text(text)
     return csv_path, md_path
+
+
+def write_results(results: list[dict], out_dir: Path, args, command: str) -> tuple[Path, Path]:
+    return write_tables(out_dir, "bench", CSV_COLUMNS, results, markdown(results, args, command))
 
 
 
@@ -296,16 +301,10 @@ def write_scale(rows: list[dict], facts: dict, out_dir: Path, command: str) -> t
     import dataclasses
     import json
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / "scale.csv", out_dir / "scale.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SCALE_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    md_path.write_text(scale_markdown(rows, facts, command))
+    paths = write_tables(out_dir, "scale", SCALE_COLUMNS, rows, scale_markdown(rows, facts, command))
     saved = {"command": command, "rows": rows, "facts": {**facts, "sizes": dataclasses.asdict(facts["sizes"])}}
     (out_dir / "scale.json").write_text(json.dumps(saved, indent=1, default=str) + "\n")
-    return csv_path, md_path
+    return paths
 
 
 def read_scale(out_dir: Path) -> tuple[list[dict], dict, str]:
