@@ -5,8 +5,10 @@ scripts/gpu_check.sh says why before its other parts fail one by one)."""
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import os
 import platform
 import sys
+from pathlib import Path
 
 REQUIRED = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "deepspeed", "hydra-core", "datasets",
             "pytest")
@@ -21,6 +23,16 @@ def versions(names) -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+def machine_facts(device: str) -> dict:
+    """What the scale suite ran on, read when it runs (its report may be rendered elsewhere, from scale.json)."""
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor() or platform.machine())
+    ram = next((int(l.split()[1]) / 2**20 for l in Path("/proc/meminfo").read_text().splitlines()
+                if l.startswith("MemTotal")), 0)
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "device": device,
+            "versions": versions(("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate"))}
 
 
 def main() -> int:

@@ -119,19 +119,6 @@ def verdict(value: float | None, target: float) -> str:
     return f"{value:.2f} {'met' if value <= target else 'missed'} (≤ {target})"
 
 
-def machine_facts(device: str) -> dict:
-    """What the suite ran on, read when it runs (the report may be rendered elsewhere, from scale.json)."""
-    import importlib.metadata as metadata
-
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor() or platform.machine())
-    ram = next((int(l.split()[1]) / 2**20 for l in Path("/proc/meminfo").read_text().splitlines()
-                if l.startswith("MemTotal")), 0)
-    versions = {name: metadata.version(name)
-                for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")}
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "device": device, "versions": versions}
-
-
 def machine_line(facts: dict) -> str:
     machine, start, end = facts["machine"], facts["load_start"], facts["load_end"]
     versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items())

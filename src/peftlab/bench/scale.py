@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from peftlab.bench.environment import machine_facts
 from peftlab.bench.harness import flops_per_token, peak_bf16_flops
 from peftlab.bench.isolated import (device_name, make_forkserver, run_args, run_isolated, spec_key, suite_rows,
                                     wait_for_memory)
@@ -206,8 +207,6 @@ def run_suite(args) -> tuple[list[dict], dict]:
         for algo in ("sft", "dpo"):
             rows += time_interleaved(sizes, algo, model_dirs[sizes.compare_model], memory, specs, args, device,
                                      facts["limit_mb"])
-    from peftlab.bench.report import machine_facts
-
     facts["load_end"] = os.getloadavg()
     facts["machine"] = machine_facts(device_name(device))
     facts["finished"] = time.strftime("%Y-%m-%d %H:%M")
