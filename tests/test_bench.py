@@ -10,6 +10,7 @@ import csv
 import math
 import subprocess
 
+import pytest
 import torch
 
 from conftest import REPO, algorithm, compose, live_policy, set_up
@@ -23,6 +24,7 @@ from peftlab.models import Reference
 CPU = torch.device("cpu")
 
 
+@pytest.mark.slow  # whole bench runs (TRL included): the fast suite keeps the report and grouping tests
 def test_bench_runs_ours_and_trl_and_writes_csv_and_markdown(tmp_path):
     args = parse_args(["--model", "qwen2-tiny", "--seq-len", "64", "--peft", "dora", "--algo", "sft,dpo,grpo",
                              "--trl", "default", "--steps", "1", "--warmup", "1", "--batch-size", "2",
@@ -72,6 +74,7 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # whole bench runs (TRL included): the fast suite keeps the report and grouping tests
 def test_scale_suite_quick_end_to_end(tmp_path):
     """Every part on the tiny 152k-vocabulary model: files, columns, each memory run's figures from its own
     process, ours and TRL on the same tokens, the timing runs, the Liger row, and the report's tables."""
@@ -110,6 +113,7 @@ def test_scale_suite_quick_end_to_end(tmp_path):
     assert (tmp_path / "scale.md").read_text() == table
 
 
+@pytest.mark.slow  # whole bench runs (TRL included): the fast suite keeps the report and grouping tests
 def test_a_memory_run_in_a_fresh_process_and_one_stopped_at_the_limit(tmp_path):
     """The full suite's path: `python -m peftlab.bench --one SPEC` in a new interpreter reports its figures; a run
     whose resident memory passes the limit is stopped and recorded as such."""
