@@ -34,6 +34,11 @@ NOT_HERE = {  # command → why it does not run here, and what covers it
     "accelerate launch --num_processes 2 train.py dist=zero2": "GPUs only (on CPU it starts one process)",
     "deepspeed --num_gpus 2 --no_local_rank train.py dist=zero3": "GPUs only (the launcher counts GPUs)",
     "python -m peftlab.bench": "every algo at the 51M preset (tens of minutes); the --algo sft command below runs",
+    "python -m peftlab.bench --suite scale --out bench-scale":
+        "real architectures on CPU (about two hours); the --quick command above runs the same suite",
+    "python train.py model=qwen model.name_or_path=/tmp/arch/qwen2.5-0.5b model.max_length=1024 data.max_rows=64":
+        "a 494M-parameter model (minutes a step on CPU); tests/test_arch_checkpoint.py trains the 152k-vocabulary "
+        "test preset through train.py the same way",
 }
 HUB = ("model=qwen", "model=llama", "model=mistral")  # these name hub checkpoints: offline, one clear error line
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
