@@ -47,15 +47,12 @@ def load_table(path: str, split: str, name: str | None, data_dir: str | None, ke
             raise DataError(f"{key}={file} has no rows (the file is empty)")
         if LOCAL_FORMATS[file.suffix] == "json":
             return JsonRows(read_json_records(file, key))
-    import datasets
-
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    if is_local_file(path):
+        datasets = quiet_datasets()
         try:
             return datasets.load_dataset(LOCAL_FORMATS[file.suffix], data_files=str(file), split="train")
         except Exception as err:  # the reader's own message names the problem; its traceback does not help
             raise DataError(f"{key}={path}: cannot be read as {file.suffix[1:]} ({one_line(err)})") from err
+    datasets = quiet_datasets()
     directory = Path(path).expanduser()
     where = f"(config {name!r}, data_dir {data_dir!r}, split {split!r})"
     try:
@@ -71,6 +68,15 @@ def load_table(path: str, split: str, name: str | None, data_dir: str | None, ke
             f"elsewhere (hf download {path} --repo-type dataset --local-dir DIR) and pass {key}=DIR, or pass a "
             "local json/jsonl/parquet/csv file"
         ) from err
+
+
+def quiet_datasets():
+    """`datasets`, imported only when a table needs it, without its logging and progress bars."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    return datasets
 
 
 def directory_cache(directory: Path) -> str:
@@ -117,11 +123,11 @@ def read_json_records(file: Path, key: str) -> list[dict]:
             document = None  # JSON Lines in a .json file, or broken: the line reader below names the line
         if isinstance(document, list):
             return [_json_object(item, f"{key}={file}, row {number}") for number, item in enumerate(document, 1)]
-        if document is not None and not isinstance(document, dict):
+        if isinstance(document, dict):
+            return [document]
+        if document is not None:
             raise DataError(f"{key}={file}: expected a list of objects or JSON Lines, found a JSON "
                             f"{type(document).__name__}")
-        if isinstance(document, dict):
-            return [_json_object(document, f"{key}={file}, row 1")]
     records = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
