@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from peftlab import REPO_ROOT
-from peftlab.adapters import lora_config, quantization_config
+from peftlab.adapters import lora_config, quantization_config, use_merged_matmul
 from peftlab.errors import ConfigError
 from peftlab.sampling import unwrap
 
@@ -302,6 +302,8 @@ def build_policy(model_cfg, peft_cfg, *, start_adapter: str | None, compute: tor
         if reference_adapter:
             model.load_adapter(start_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
             model.set_adapter("default")
+    if peft_cfg.merged_matmul:
+        use_merged_matmul(model)
     if gradient_checkpointing:
         model.enable_input_require_grads()  # so checkpointed blocks see an input that requires grad
     return model

@@ -110,7 +110,7 @@ RULES: dict[str, Rule] = {
     # peft
     "peft.method": one_of("none", "lora", "dora", "qlora"), "peft.r": integer(1, hint="the adapter rank"), "peft.alpha": POSITIVE,
     "peft.alpha_ratio": number(0, above=True, null=True), "peft.dropout": FRACTION, "peft.rslora": FLAG,
-    "peft.dora": FLAG, "peft.init": one_of("default", "gaussian", "pissa", "olora"),
+    "peft.dora": FLAG, "peft.merged_matmul": FLAG, "peft.init": one_of("default", "gaussian", "pissa", "olora"),
     "peft.bias": one_of("none", "all", "lora_only"), "peft.modules_to_save": Rule("list"),
     "peft.quantize": one_of("nf4", "fp4", "int8", null=True), "peft.double_quant": FLAG,
     "peft.compute_dtype": one_of("auto", "float32", "bfloat16"),
