@@ -30,6 +30,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-generations", type=int, default=8, help="GRPO completions per prompt (TRL's default)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="GRPO completion budget")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both tools")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="trainer.precision, the same for both tools (auto: fp32 on CPU, bf16 on a GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench", help="directory for the results (bench.* or scale.*)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=HOST_MMAP_THRESHOLD_BYTES,

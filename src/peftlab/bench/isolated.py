@@ -32,7 +32,8 @@ FORKSERVER_PRELOAD = ["peftlab.bench.isolated", "peftlab.bench.runners", "peftla
 def run_args(spec: dict) -> SimpleNamespace:
     """The fields of the default bench's arguments that peftlab.bench.runners reads, for one spec."""
     return SimpleNamespace(seq_len=spec["seq_len"], batch_size=spec["batch_size"], warmup=spec["warmup"],
-                           steps=spec["steps"], threads=spec["threads"], seed=spec["seed"], grpo_prompts=1,
+                           steps=spec["steps"], threads=spec["threads"], seed=spec["seed"],
+                           precision=spec["precision"], grpo_prompts=1,
                            num_generations=8, max_new_tokens=64, peft=[spec["peft"]], trl=[spec["setting"]])
 
 

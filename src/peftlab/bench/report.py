@@ -230,11 +230,12 @@ def qlora_table(rows: list[dict], facts: dict) -> list[str]:
     if not runs:
         return []
     lines = ["## QLoRA: ours, SFT, batch 1, one process per run (loading included)", "",
-             "| model | peft | tokens/step | gradient checkpointing | peak MB (loading / training) | loading s "
-             "| step s | µs per trained token |", "|---|---|---|---|---|---|---|---|"]
+             "| model | peft | precision | tokens/step | gradient checkpointing | peak MB (loading / training) "
+             "| loading s | step s | µs per trained token |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         checkpointing = {True: "on", False: "off"}.get(r.get("checkpointing"), "–")
-        lines.append(f"| {r['model']} | {r['peft']} | {cell(r, 'tokens_per_step', '.0f')} | {checkpointing} "
+        lines.append(f"| {r['model']} | {r['peft']} | {r['precision']} | {cell(r, 'tokens_per_step', '.0f')} "
+                     f"| {checkpointing} "
                      f"| {memory_cell(r, limit)} | {cell(r, 'load_s', '.0f')} | {cell(r, 'step_s', '.1f')} "
                      f"| {cell(r, 'us_per_token', '.0f')} |")
     small = {r["peft"]: r for r in runs if r["model"] == sizes.qlora_small_model and r["seq_len"] == sizes.qlora_small_seq}
@@ -265,7 +266,8 @@ def scale_markdown(rows: list[dict], facts: dict, command: str) -> str:
     sizes = facts["sizes"]
     lines = ["# Scale suite", "", machine_line(facts), f"Command: `{command}`", "",
              "Models: random weights with the public architectures' exact configs (scripts/make_arch_checkpoint.py, "
-             "bf16 on disk, trained in the run's precision: fp32 on CPU, bf16 on GPU); rows of random words, each "
+             "bf16 on disk, trained in the run's precision: auto is fp32 on CPU, bf16 on GPU; the large QLoRA run trains in "
+             "bf16, as QLoRA is used); rows of random words, each "
              "sequence filling its length (chat template included). Memory: the peak of the run's own process "
              f"(CPU: resident set, {allocator_note(facts.get('malloc_mmap_threshold'))}; GPU: max allocated), "
              "loading (everything before the first step: for ours build_run, which also precomputes DPO's "

@@ -35,7 +35,7 @@ def our_config(model_dir: Path, data_file: Path, peft: str, algo: str, args):
         f"trainer.max_steps={args.warmup + args.steps}",
         f"trainer.batch_size={args.grpo_prompts if algo == 'grpo' else args.batch_size}",
         "trainer.grad_accum=1", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=0",
-        f"trainer.num_threads={args.threads}", f"trainer.seed={args.seed}",
+        f"trainer.num_threads={args.threads}", f"trainer.seed={args.seed}", f"trainer.precision={args.precision}",
         "trainer.release_host_memory=false",  # the bench sets the allocator, the same for both tools
     ]
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):

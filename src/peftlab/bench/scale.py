@@ -33,6 +33,7 @@ from peftlab.bench.harness import flops_per_token, peak_bf16_flops
 from peftlab.bench.isolated import (device_name, make_forkserver, run_args, run_isolated, spec_key, suite_rows,
                                     wait_for_memory)
 from peftlab.bench.workloads import arch_checkpoint
+from peftlab.models import train_dtype
 
 PARTS = ("compare", "seqlen", "qlora")
 
@@ -49,16 +50,17 @@ class Sizes:
     qlora_small_seq: int
     qlora_large_model: str
     qlora_large_seq: int
+    qlora_large_precision: str       # trainer.precision of the large QLoRA run
     timed_steps: int                 # interleaved timing: optimizer steps after the warm-up
     memory_steps: int                # memory runs: timed steps after the warm-up (the peak is reached by then)
 
 
 FULL = Sizes(compare_model="qwen2.5-0.5b", compare_seq=1024, batch_size=2, seq_lens=(512, 1024, 2048, 4096),
              qlora_small_model="llama-3.2-1b", qlora_small_seq=560, qlora_large_model="mistral-7b-v0.3",
-             qlora_large_seq=512, timed_steps=3, memory_steps=1)
+             qlora_large_seq=512, qlora_large_precision="bf16", timed_steps=3, memory_steps=1)
 QUICK = Sizes(compare_model="tiny-qwen-152k", compare_seq=64, batch_size=2, seq_lens=(32, 64),
               qlora_small_model="tiny-qwen-152k", qlora_small_seq=48, qlora_large_model="tiny-qwen-152k",
-              qlora_large_seq=32, timed_steps=1, memory_steps=1)
+              qlora_large_seq=32, qlora_large_precision="bf16", timed_steps=1, memory_steps=1)
 # qlora memory runs report the step time too: timed steps after the warm-up (the large model's take minutes)
 QLORA_SMALL_STEPS, QLORA_LARGE_STEPS = 2, 1
 
@@ -68,7 +70,7 @@ QLORA_SMALL_STEPS, QLORA_LARGE_STEPS = 2, 1
 
 def base_spec(sizes: Sizes, model: str, model_dir: Path, args) -> dict:
     return {"model": model, "model_dir": str(model_dir), "batch_size": sizes.batch_size, "warmup": 1,
-            "steps": sizes.memory_steps, "threads": args.threads, "seed": args.seed,
+            "steps": sizes.memory_steps, "threads": args.threads, "seed": args.seed, "precision": args.precision,
             "malloc_mmap_threshold": args.malloc_mmap_threshold}
 
 
@@ -94,10 +96,12 @@ def plan_specs(sizes: Sizes, parts: list[str], model_dirs: dict[str, Path], args
         specs += [{**base, "part": "seqlen", "algo": "sft", "peft": "lora", "tool": tool, "setting": "default",
                    "seq_len": seq_len} for seq_len in sizes.seq_lens for tool in ("ours", "trl")]
     if "qlora" in parts:
-        for model, seq_len, pefts, steps in (
-                (sizes.qlora_small_model, sizes.qlora_small_seq, ("lora", "qlora"), QLORA_SMALL_STEPS),
-                (sizes.qlora_large_model, sizes.qlora_large_seq, ("qlora",), QLORA_LARGE_STEPS)):
-            base = {**base_spec(sizes, model, model_dirs[model], args), "batch_size": 1, "steps": steps}
+        for model, seq_len, pefts, steps, precision in (
+                (sizes.qlora_small_model, sizes.qlora_small_seq, ("lora", "qlora"), QLORA_SMALL_STEPS, args.precision),
+                (sizes.qlora_large_model, sizes.qlora_large_seq, ("qlora",), QLORA_LARGE_STEPS,
+                 sizes.qlora_large_precision)):
+            base = {**base_spec(sizes, model, model_dirs[model], args), "batch_size": 1, "steps": steps,
+                    "precision": precision}
             specs += [{**base, "part": "qlora", "algo": "sft", "peft": peft, "tool": "ours", "setting": "default",
                        "seq_len": seq_len} for peft in pefts]
     return specs
@@ -200,7 +204,8 @@ def run_suite(args) -> tuple[list[dict], dict]:
     memory = run_isolated(specs, Path(args.out) / "logs", facts["limit_mb"], jobs, needed_mb,
                           make_forkserver() if args.quick else None)
     rows = [{**memory[spec_key(s)], **{k: s[k] for k in ("part", "algo", "peft", "tool", "setting", "model",
-                                                           "seq_len", "batch_size")}, "measure": "memory"}
+                                                           "seq_len", "batch_size")},
+             "precision": str(train_dtype(s["precision"], device)).removeprefix("torch."), "measure": "memory"}
             for s in specs]
     rows += not_run_rows(sizes, parts, device)
     if "compare" in parts:
