@@ -103,6 +103,10 @@ def test_scale_suite_quick_end_to_end(tmp_path):
     assert {(r["peft"], int(r["seq_len"])) for r in memory if r["part"] == "qlora"} == \
         {("lora", scale.QUICK.qlora_small_seq), ("qlora", scale.QUICK.qlora_small_seq),
          ("qlora", scale.QUICK.qlora_large_seq)}
+    # the large QLoRA run trains in bf16 (QLoRA's compute dtype); everything else in auto's fp32 on CPU
+    assert {(r["part"], int(r["seq_len"]), r["precision"]) for r in memory if r["part"] == "qlora"} == \
+        {("qlora", scale.QUICK.qlora_small_seq, "float32"), ("qlora", scale.QUICK.qlora_large_seq, "bfloat16")}
+    assert {r["precision"] for r in memory if r["part"] != "qlora"} == {"float32"}
 
     table = (tmp_path / "scale.md").read_text()
     for expected in ("load average", "cores", "## Ours vs TRL", "## Peak memory against sequence length",
@@ -120,7 +124,7 @@ def test_a_memory_run_in_a_fresh_process_and_one_stopped_at_the_limit(tmp_path):
     model_dir = workloads.arch_checkpoint("tiny-qwen-152k", tmp_path / "arch")
     spec = {"part": "qlora", "algo": "sft", "peft": "lora", "tool": "ours", "setting": "default",
             "model": "tiny-qwen-152k", "model_dir": str(model_dir), "seq_len": 32, "batch_size": 1, "warmup": 1,
-            "steps": 1, "threads": 1, "seed": 0, "malloc_mmap_threshold": 2**20}
+            "steps": 1, "threads": 1, "seed": 0, "precision": "auto", "malloc_mmap_threshold": 2**20}
     stopped = isolated.run_isolated([spec], tmp_path / "logs", limit_mb=64, jobs=1, needed_mb=0)
     assert next(iter(stopped.values()))["status"].startswith("stopped: resident memory passed the 64 MB limit")
     [figures] = isolated.run_isolated([spec], tmp_path / "logs", limit_mb=8192, jobs=1, needed_mb=0).values()
