@@ -71,9 +71,11 @@ def test_what_it_does_not_cover_runs_peft_own_forward():
         model(few_rows)  # too few rows: peft's forward
         with model.disable_adapter():
             model(torch.randn(MERGED_MIN_ROWS, 48, dtype=torch.float64))  # adapters off: peft's (base only)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(MERGED_MIN_ROWS, 48, dtype=torch.float64))  # autocast: peft's
     finally:
         Linear.forward = original
-    assert len(merged_path) == 4
+    assert len(merged_path) == 6
     dora = lora_block(use_dora=True)
     dropout = lora_block(lora_dropout=0.1)
     x = torch.randn(MERGED_MIN_ROWS, 48, dtype=torch.float64)

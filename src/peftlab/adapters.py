@@ -138,10 +138,13 @@ def _merged_matmul_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     """`_MergedLoraMatmul` for a peft `lora.Linear` call it covers, else None (the caller runs peft's forward).
 
     Covered: one active plain LoRA adapter (no dropout, no DoRA, no LoRA bias) on an unmerged, full-precision
-    nn.Linear whose weight and bias are frozen, all in x's dtype, at least MERGED_MIN_ROWS rows, and no parameter
-    partitioned by DeepSpeed ZeRO-3 (its gathering hooks fire on the submodules' calls, which this skips).
+    nn.Linear whose weight and bias are frozen, all in x's dtype, at least MERGED_MIN_ROWS rows, outside autocast,
+    and no parameter partitioned by DeepSpeed ZeRO-3 (its gathering hooks fire on the submodules' calls, which this
+    skips).
     """
     if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    if torch.is_autocast_enabled(x.device.type):  # its backward would not see the forward's cast
         return None
     name = layer.active_adapters[0]
     if name not in layer.lora_A or name in layer.lora_variant or layer.fan_in_fan_out:
