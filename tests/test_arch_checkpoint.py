@@ -120,20 +120,24 @@ def test_cli_lists_every_preset(capsys):
     assert listed == list(PRESETS)
 
 
-@pytest.mark.parametrize("preset,tokens,quantized,expected", [
-    ("qwen2.5-0.5b", 2 * 1024, False, True),   # 5.6 GB of fp32 activations against 2.1 GB of weights
-    ("qwen2.5-0.5b", 2 * 128, False, False),   # a short batch keeps its activations
-    ("mistral-7b-v0.3", 12 * 512, True, True),  # 4-bit weights are small: activations decide
-    ("mistral-7b-v0.3", 2 * 128, False, False),  # 32 GB of fp32 weights dwarf a short batch
-    (TINY, 16 * 128, False, False),             # the toy scale never pays for recomputation
+@pytest.mark.parametrize("preset,tokens,dtype,quantized,expected", [
+    ("qwen2.5-0.5b", 2 * 1024, torch.float32, False, True),   # 5.6 GB of fp32 activations against 2.1 GB of weights
+    ("qwen2.5-0.5b", 2 * 128, torch.float32, False, False),   # a short batch keeps its activations
+    ("mistral-7b-v0.3", 12 * 512, torch.float32, True, True),  # 4-bit weights are small: activations decide
+    ("mistral-7b-v0.3", 512, torch.bfloat16, True, True),     # 3.2 GB of activations, under the 4.4 GB base: on
+    ("mistral-7b-v0.3", 2 * 16, torch.bfloat16, True, False),  # a quantized base's short batch: under the floor
+    ("mistral-7b-v0.3", 2 * 128, torch.float32, False, False),  # 29 GB of fp32 weights dwarf a short batch
+    (TINY, 16 * 128, torch.float32, False, False),             # the toy scale never pays for recomputation
 ])
-def test_auto_checkpointing_follows_the_architecture(preset, tokens, quantized, expected):
-    """trainer.gradient_checkpointing=auto: on when the kept activations outweigh the weights and 1 GiB."""
-    from peftlab.memory import activation_bytes, use_checkpointing, weight_bytes
+def test_auto_checkpointing_follows_the_architecture(preset, tokens, dtype, quantized, expected):
+    """trainer.gradient_checkpointing=auto: on when the kept activations pass 1 GiB and, on a full-precision base,
+    the weights."""
+    from peftlab.memory import CHECKPOINTING_FLOOR_BYTES, activation_bytes, use_checkpointing, weight_bytes
 
     config = build_config(preset)
-    assert use_checkpointing("auto", config, tokens, torch.float32, quantized) is expected
-    assert use_checkpointing(True, config, 1, torch.float32, quantized) and not use_checkpointing(
-        False, config, 10**6, torch.float32, quantized)
-    kept, weights = activation_bytes(config, tokens, torch.float32), weight_bytes(config, torch.float32, quantized)
-    assert (kept > max(weights, 2**30)) is expected
+    assert use_checkpointing("auto", config, tokens, dtype, quantized) is expected
+    assert use_checkpointing(True, config, 1, dtype, quantized) and not use_checkpointing(
+        False, config, 10**6, dtype, quantized)
+    kept, weights = activation_bytes(config, tokens, dtype), weight_bytes(config, dtype)
+    floor = CHECKPOINTING_FLOOR_BYTES if quantized else max(weights, CHECKPOINTING_FLOOR_BYTES)
+    assert (kept > floor) is expected

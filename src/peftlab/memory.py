@@ -39,20 +39,24 @@ def activation_bytes(model_config, tokens: int, dtype: torch.dtype) -> int:
     return int(config.num_hidden_layers * tokens * per_token * torch.finfo(dtype).bits // 8)
 
 
-def weight_bytes(model_config, dtype: torch.dtype, quantized: bool) -> int:
-    """The frozen base's size: its parameters at the weights' dtype (about half a byte each in 4-bit)."""
+def weight_bytes(model_config, dtype: torch.dtype) -> int:
+    """The frozen full-precision base's size: its parameters at the weights' dtype."""
     config = model_config.get_text_config()
     layer = 4 * config.hidden_size ** 2 + 3 * config.hidden_size * config.intermediate_size
     embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    per_parameter = 0.5 if quantized else torch.finfo(dtype).bits / 8
-    return int(config.num_hidden_layers * layer * per_parameter + embeddings * torch.finfo(dtype).bits / 8)
+    return int((config.num_hidden_layers * layer + embeddings) * torch.finfo(dtype).bits // 8)
 
 
 def use_checkpointing(setting, model_config, tokens: int, dtype: torch.dtype, quantized: bool) -> bool:
     """trainer.gradient_checkpointing: true/false as given; auto recomputes activations in backward when keeping
-    them would take more memory than the base's weights and more than CHECKPOINTING_FLOOR_BYTES (the toy models
-    never reach it: they stay fast; a 0.5B model at 2 × 1,024 tokens does)."""
+    them would take more than CHECKPOINTING_FLOOR_BYTES (the toy models never reach it: they stay fast) and, on a
+    full-precision base, more than the base's weights (a 0.5B model at 2 × 1,024 tokens does). A quantized base
+    (qlora) was chosen to save memory, so there the floor alone decides, as peft's prepare_model_for_kbit_training
+    turns checkpointing on for every k-bit model (a 4-bit 7B's bf16 activations at 512 tokens stay below its
+    weights, yet would nearly double the step's memory)."""
     if setting != "auto":
         return bool(setting)
     kept = activation_bytes(model_config, tokens, dtype)
-    return kept > max(weight_bytes(model_config, dtype, quantized), CHECKPOINTING_FLOOR_BYTES)
+    if quantized:
+        return kept > CHECKPOINTING_FLOOR_BYTES
+    return kept > max(weight_bytes(model_config, dtype), CHECKPOINTING_FLOOR_BYTES)

@@ -109,8 +109,8 @@ TRL_SETTINGS = {
 
 def trl_settings(cfg, algo: str, setting: str) -> dict:
     """TRL_SETTINGS[algo][setting]; beyond "default", gradient checkpointing as our trainer.gradient_checkpointing
-    decides for this job (peftlab.memory.use_checkpointing: on where the kept activations would outweigh the
-    weights), so that "best" differs from ours in how it computes, not in what it chooses to keep."""
+    decides for this job (peftlab.memory.use_checkpointing: on where the kept activations would pass 1 GiB and
+    outweigh the weights), so that "best" differs from ours in how it computes, not in what it chooses to keep."""
     from hydra.utils import get_class
 
     from peftlab.memory import use_checkpointing
