@@ -89,7 +89,8 @@ def write_results(results: list[dict], out_dir: Path, args, command: str) -> tup
 
 # ---- --suite scale ---------------------------------------------------------------------------------------------------
 
-SCALE_COLUMNS = ["part", "measure", "algo", "peft", "tool", "setting", "model", "seq_len", "batch_size", "status",
+SCALE_COLUMNS = ["part", "measure", "algo", "peft", "tool", "setting", "model", "seq_len", "batch_size", "precision",
+                 "status",
                  "checkpointing", "tokens_per_step", "tokens_total", "steps", "step_s", "us_per_token", "tokens_per_s", "load_s",
                  "start_mb", "load_peak_mb", "train_peak_mb", "peak_mb", "host_peak_mb", "held_mb", "sampled_peak_mb",
                  "wall_s", "group", "mfu", "threads", "device"]

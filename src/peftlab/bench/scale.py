@@ -74,6 +74,11 @@ def base_spec(sizes: Sizes, model: str, model_dir: Path, args) -> dict:
             "malloc_mmap_threshold": args.malloc_mmap_threshold}
 
 
+def precision_name(spec: dict, device) -> str:
+    """The dtype a spec's run trains in (its trainer.precision resolved on this device): float32 or bfloat16."""
+    return str(train_dtype(spec["precision"], device)).removeprefix("torch.")
+
+
 def compare_runs(algo: str) -> list[tuple[str, str, str]]:
     from peftlab.bench.runners import TRL_SETTINGS
 
@@ -157,7 +162,8 @@ def time_interleaved(sizes: Sizes, algo: str, model_dir: Path, memory: dict[str,
             for row in run_algo(model_dir, algo, rows, run_arguments, device, Path(tmp), runs=group):
                 flops = flops_per_token(model_dir, row["peft"], spec["seq_len"])
                 row.update(part="compare", measure="time", group=label, model=spec["model"], seq_len=spec["seq_len"],
-                           batch_size=spec["batch_size"], status="ok", threads=torch.get_num_threads(),
+                           batch_size=spec["batch_size"], precision=precision_name(spec, device), status="ok",
+                           threads=torch.get_num_threads(),
                            device=device_name(device),
                            mfu=row["tokens_per_s"] * flops / peak_flops if peak_flops else None)
                 results.append(row)
@@ -205,7 +211,7 @@ def run_suite(args) -> tuple[list[dict], dict]:
                           make_forkserver() if args.quick else None)
     rows = [{**memory[spec_key(s)], **{k: s[k] for k in ("part", "algo", "peft", "tool", "setting", "model",
                                                            "seq_len", "batch_size")},
-             "precision": str(train_dtype(s["precision"], device)).removeprefix("torch."), "measure": "memory"}
+             "precision": precision_name(s, device), "measure": "memory"}
             for s in specs]
     rows += not_run_rows(sizes, parts, device)
     if "compare" in parts:
