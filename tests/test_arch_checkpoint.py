@@ -141,3 +141,21 @@ def test_auto_checkpointing_follows_the_architecture(preset, tokens, dtype, quan
     kept, weights = activation_bytes(config, tokens, dtype), weight_bytes(config, dtype)
     floor = CHECKPOINTING_FLOOR_BYTES if quantized else max(weights, CHECKPOINTING_FLOOR_BYTES)
     assert (kept > floor) is expected
+
+
+def test_layer_live_set_script_measures_one_layer(tiny_dir):
+    """scripts/layer_live_set.py (the README's figure for one layer's live set) runs and reports a size that
+    grows with the tokens."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def live_mb(length: int) -> float:
+        out = subprocess.run([sys.executable, str(REPO / "scripts" / "layer_live_set.py"), "--model-dir",
+                              str(tiny_dir), "--rows", "2", "--length", str(length)],
+                             capture_output=True, text=True, check=True, cwd=REPO).stdout
+        return float(re.search(r"live set (\d+) MB", out).group(1))
+
+    assert 0 < live_mb(256) < live_mb(2048)
