@@ -102,6 +102,11 @@ def quantization_config(peft_cfg, compute_dtype: torch.dtype):
 MERGED_MIN_ROWS = 1024
 
 
+def _merged_weight(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """W + s·B·A: (out, in), (r, in), (out, r) → (out, in), a new tensor (W is not changed)."""
+    return torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+
+
 class _MergedLoraMatmul(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, computed as ONE matmul with the merged weight W + s·B·A (Hu et al. 2021, eq. 3:
     h = W₀x + ΔWx, ΔW = BA), rebuilt in backward rather than kept.
@@ -117,7 +122,7 @@ class _MergedLoraMatmul(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
         ctx.save_for_backward(x, weight, lora_A, lora_B)
         ctx.scaling = scaling
-        return torch.nn.functional.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
+        return torch.nn.functional.linear(x, _merged_weight(weight, lora_A, lora_B, scaling), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -126,7 +131,7 @@ class _MergedLoraMatmul(torch.autograd.Function):
         rows_x, rows_grad = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])  # (n, in), (n, out)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = (rows_grad @ torch.addmm(weight, lora_B, lora_A, alpha=s)).view_as(x)  # (n, in)
+            grad_x = (rows_grad @ _merged_weight(weight, lora_A, lora_B, s)).view_as(x)  # (n, in)
         if ctx.needs_input_grad[3]:
             grad_A = (rows_grad @ lora_B).t() @ rows_x * s  # (r, in)
         if ctx.needs_input_grad[4]:
